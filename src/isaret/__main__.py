@@ -1,0 +1,5 @@
+import sys
+
+from isaret.cli import main
+
+sys.exit(main())

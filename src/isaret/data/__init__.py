@@ -1,0 +1,1 @@
+"""Landmark data: readers, preprocessing, the on-disk cache, split, scaler and Dataset."""
