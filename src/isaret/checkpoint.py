@@ -1,0 +1,307 @@
+"""Checkpoint files: atomic writes, integrity checks, safe loading, rotation and RNG states.
+
+A checkpoint is a plain dict of tensors and primitives, so `torch.load(path, weights_only=True)`
+reads it and never runs code. It carries `format` and `format_version`, and `integrity`: a
+SHA-256 over every other key and value, so a truncated, bit-flipped or foreign file is detected
+even where torch would load it. A file counts only once `os.replace` has moved it into place
+after an fsync of its data; the folder is fsynced after the rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from isaret.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "isaret-checkpoint"
+FORMAT_VERSION = 1
+LAST = "last_model.pth"
+BEST = "best_model.pth"
+EPOCH_PATTERN = re.compile(r"^epoch_(\d{3,})\.pth$")
+TEMP_PREFIX = ".tmp-"
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.pth"
+
+
+# ----------------------------------------------------------------------------- integrity
+
+def _feed(digest: "hashlib._Hash", value: Any) -> None:
+    """Hash a value of a checkpoint dict by type and content, in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+    else:
+        raise CheckpointError(f"checkpoint value of type {type(value).__name__} is not a tensor or primitive")
+
+
+def integrity_digest(payload: dict) -> str:
+    digest = hashlib.sha256()
+    _feed(digest, {key: value for key, value in payload.items() if key != "integrity"})
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- write
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some file systems do not allow opening a folder; the rename is still atomic
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def save_atomic(payload: dict, path: Path) -> None:
+    """Write a checkpoint: temp file in the same folder, fsync, os.replace, fsync of the folder."""
+    payload = dict(payload, format=FORMAT, format_version=FORMAT_VERSION)
+    payload["integrity"] = integrity_digest(payload)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except BaseException as error:
+        Path(temp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CheckpointError(f"failed to write checkpoint {path}: {error}") from error
+        raise
+    _fsync_folder(path.parent)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete temp files that a killed save left behind; they never count as checkpoints."""
+    removed = []
+    for path in folder.glob(f"{TEMP_PREFIX}*"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+# ----------------------------------------------------------------------------- read
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load and verify a checkpoint; every problem raises CheckpointError with the path and reason."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"invalid checkpoint {path}: the file is empty (0 bytes)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refused to load {path}: it contains pickled Python objects that weights_only loading does not "
+            f"allow, so none of its code was run ({str(error).splitlines()[0][:200]}); "
+            "only load checkpoints written by isaret"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise CheckpointError(f"invalid checkpoint {path}: corrupt or truncated file ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"invalid checkpoint {path}: not an isaret checkpoint (no format '{FORMAT}')")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"unsupported checkpoint {path}: format version {version}; this isaret reads version {FORMAT_VERSION}"
+        )
+    if payload.get("integrity") != integrity_digest(payload):
+        raise CheckpointError(
+            f"invalid checkpoint {path}: integrity check failed (the stored SHA-256 does not match the content); "
+            "the file is corrupt"
+        )
+    return payload
+
+
+def checkpoint_candidates(folder: Path) -> list[Path]:
+    """Checkpoint files in a folder, newest first (by modification time, then last > epoch > best)."""
+    if not folder.is_dir():
+        return []
+    rank = {LAST: 0, BEST: 2}
+    paths = [p for p in folder.iterdir() if p.is_file() and (p.name in rank or EPOCH_PATTERN.match(p.name))]
+    return sorted(paths, key=lambda p: (-p.stat().st_mtime_ns, rank.get(p.name, 1), p.name))
+
+
+def find_resumable(folder: Path) -> tuple[Path, dict] | None:
+    """Return the newest checkpoint in `folder` that loads and verifies, or None if there is none.
+
+    Invalid files are skipped with a warning that names each one; if files exist but none is
+    valid, CheckpointError is raised instead of starting fresh.
+    """
+    candidates = checkpoint_candidates(folder)
+    failures = []
+    for path in candidates:
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError as error:
+            log.warning("Skipping checkpoint: %s", error)
+            failures.append(str(error))
+            continue
+        if failures:
+            log.warning("Falling back to the newest valid checkpoint: %s", path)
+        return path, payload
+    if failures:
+        raise CheckpointError(
+            f"no valid checkpoint in {folder} ({len(failures)} invalid):\n  " + "\n  ".join(failures)
+            + "\nmove the invalid files away to start fresh there, or use another --checkpoint-dir"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------- rotation
+
+def rotate_epoch_files(folder: Path, keep_last_k: int, protected: set[Path]) -> list[Path]:
+    """Delete all but the newest `keep_last_k` epoch_NNN.pth files, never one in `protected`."""
+    epoch_files = sorted((int(m.group(1)), p) for p in folder.glob("epoch_*.pth") if (m := EPOCH_PATTERN.match(p.name)))
+    doomed = [p for _, p in epoch_files[: max(0, len(epoch_files) - keep_last_k)]]
+    removed = []
+    for path in doomed:
+        if path.resolve() in protected:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+def capture_rng_state() -> dict:
+    """Return the python, numpy, torch and CUDA generator states as tensors and primitives."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": [t for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        count = min(len(cuda_states), torch.cuda.device_count())
+        for device in range(count):
+            torch.cuda.set_rng_state(cuda_states[device], device)
+
+
+# ----------------------------------------------------------------------------- checkpointer
+
+def _link_atomic(source: Path, target: Path) -> None:
+    """Make `target` name the same file as `source` (a hard link renamed into place), else copy it."""
+    temp = target.with_name(f"{TEMP_PREFIX}{target.name}.{os.getpid()}.link")
+    temp.unlink(missing_ok=True)
+    try:
+        os.link(source, temp)
+    except OSError:
+        with source.open("rb") as reader, temp.open("wb") as writer:
+            while chunk := reader.read(1 << 20):
+                writer.write(chunk)
+            writer.flush()
+            os.fsync(writer.fileno())
+    os.replace(temp, target)
+    _fsync_folder(target.parent)
+
+
+class Checkpointer:
+    """Writes and finds the checkpoints of one run folder; only rank 0 touches files."""
+
+    def __init__(self, folder: Path, keep_last_k: int, ctx):
+        self.folder = Path(folder)
+        self.keep_last_k = keep_last_k
+        self.ctx = ctx
+
+    def save(self, state: dict, name: str = LAST, epoch_file: int | None = None,
+             protected: set[Path] | None = None, links: tuple[str, ...] = ()) -> Path:
+        """Write `state` as `name`, epoch_NNN.pth and each of `links`, then rotate epoch files; all ranks wait.
+
+        The state is serialised once; the other names are hard links to the same file.
+        """
+        from isaret.distributed import run_on_main
+
+        target = self.folder / name
+
+        def write() -> None:
+            first = target if epoch_file is None else self.folder / epoch_name(epoch_file)
+            save_atomic(state, first)
+            for other in ([] if first == target else [name]) + list(links):
+                _link_atomic(first, self.folder / other)
+            if epoch_file is None:
+                return
+            keep = (protected or set()) | {first.resolve()}
+            for path in rotate_epoch_files(self.folder, self.keep_last_k, keep):
+                log.debug("Deleted old checkpoint %s", path)
+
+        run_on_main(write, self.ctx)
+        return target
+
+    def existing(self) -> list[Path]:
+        return checkpoint_candidates(self.folder)
+
+    def load(self, path: Path | None, from_best: bool, auto: bool) -> tuple[Path, dict] | None:
+        """Find and load the checkpoint to resume from, or return None for a fresh start.
+
+        A fresh start into a folder that already holds checkpoints raises CheckpointError, so a
+        run is never overwritten silently.
+        """
+        if path is not None:
+            return path, load_checkpoint(path)
+        if from_best:
+            best = self.folder / BEST
+            if not best.exists():
+                raise CheckpointError(f"--resume-from-best: {best} not found; check --checkpoint-dir")
+            return best, load_checkpoint(best)
+        if auto:
+            found = find_resumable(self.folder)
+            if found is None:
+                log.info("No checkpoint in %s: starting a fresh run", self.folder)
+            return found
+        if self.existing():
+            raise CheckpointError(
+                f"{self.folder} already holds a run ({', '.join(p.name for p in self.existing()[:3])}); "
+                f"continue it with --resume {self.folder / LAST} or --auto-resume, or choose another "
+                "--checkpoint-dir"
+            )
+        return None
