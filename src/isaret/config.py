@@ -205,7 +205,8 @@ def _convert(value: Any, field_info: dataclasses.Field, source: str) -> Any:
         converted = _coerce(value, kind)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"{source}: invalid value {value!r} for '{name}': expected {kind.__name__} ({meta['help']})"
+            f"{source}: invalid value {value!r} for '{name}': expected {kind.__name__}{_allowed(meta)} "
+            f"({meta['help']})"
         ) from None
     if meta["choices"] is not None and converted not in meta["choices"]:
         raise ConfigError(
@@ -220,6 +221,16 @@ def _convert(value: Any, field_info: dataclasses.Field, source: str) -> Any:
                 f"{source}: invalid value {converted!r} for '{name}'; allowed range {low_bracket}{low}, {high}]"
             )
     return converted
+
+
+def _allowed(meta) -> str:
+    """Describe a field's allowed choices or range for an error message, e.g. ' in [8, 4096]'."""
+    if meta["choices"] is not None:
+        return f" (one of {', '.join(meta['choices'])})"
+    if meta["min"] is None and meta["max"] is None:
+        return ""
+    low_bracket = "(" if meta["min_exclusive"] else "["
+    return f" in {low_bracket}{meta['min']}, {meta['max']}]"
 
 
 def _coerce(value: Any, kind: type) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,29 @@ class StopRequest:
         self._previous.clear()
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def stop_signals_blocked():
+    """Hold back SIGINT and SIGTERM while DataLoader workers start.
+
+    The workers inherit the blocked mask, so none can die of a signal before
+    `ignore_stop_signals_in_worker` runs; the training process gets any held signal on exit.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def ignore_stop_signals_in_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn: leave SIGINT and SIGTERM to the training process.
 
     A terminal's Ctrl+C reaches the whole process group; a worker that died of it would make
     the next batch fail before the training process could save its checkpoint.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

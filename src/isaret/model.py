@@ -50,6 +50,8 @@ class TransformerSignLanguageClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Return logits (B, classes) for frames x (B, T, F) where valid (B, T) marks real frames."""
+        # Attention and pooling give invalid frames weight 0, but 0 * NaN is NaN, so zero them first.
+        x = x.masked_fill(~valid.unsqueeze(-1), 0.0)
         h = self.dropout(self.position(self.embed(x)))  # (B, T, D)
         h = self.encoder(h, src_key_padding_mask=~valid)  # (B, T, D)
         weights = valid.unsqueeze(-1).to(h.dtype)  # (B, T, 1)

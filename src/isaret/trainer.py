@@ -34,7 +34,7 @@ from isaret.data.readers import list_samples
 from isaret.distributed import DistContext, all_reduce_sum, any_rank, barrier, gather_objects, run_on_main
 from isaret.errors import DataError, TrainingInterrupted
 from isaret.history import plot_history, write_history
-from isaret.interrupt import EXIT_CODES, StopRequest, ignore_stop_signals_in_worker
+from isaret.interrupt import EXIT_CODES, StopRequest, ignore_stop_signals_in_worker, stop_signals_blocked
 from isaret.metrics import accuracy, confusion_matrix, macro_f1
 from isaret.model import build_model
 from isaret.optim import apply_hyperparameters, build_optimizer, build_scheduler, restore_scheduler
@@ -142,12 +142,17 @@ class Trainer:
                  len(self.classes), len(self.train_set), len(self.val_set), self.split.kind,
                  data.preprocessing.feature_dim, data.preprocessing.max_seq_len)
 
-    def _loader(self, dataset: SignDataset, sampler: EpochSampler) -> DataLoader:
+    def _batches(self, dataset: SignDataset, sampler: EpochSampler):
+        """Return an iterator over the sampler's batches, with worker processes started safely."""
         workers = self.cfg.data.num_workers
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                          worker_init_fn=ignore_stop_signals_in_worker if workers else None,
-                          # A private generator keeps the loader from drawing on the global torch RNG.
-                          generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                            worker_init_fn=ignore_stop_signals_in_worker if workers else None,
+                            # A private generator keeps the loader from drawing on the global torch RNG.
+                            generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+        if not workers:
+            return iter(loader)
+        with stop_signals_blocked():
+            return iter(loader)
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -293,7 +298,7 @@ class Trainer:
         bar = tqdm(total=self.micro_batches, initial=p.batch_in_epoch, desc=f"Epoch {epoch}/{cfg.num_epochs} [Train]",
                    disable=not self.show_progress, leave=False, dynamic_ncols=True)
         micro = p.batch_in_epoch
-        for x, valid, y in self._loader(self.train_set, sampler):
+        for x, valid, y in self._batches(self.train_set, sampler):
             step_start = micro - micro % cfg.accum_steps
             in_step = min(cfg.accum_steps, self.micro_batches - step_start)
             last_of_step = micro + 1 == step_start + in_step
@@ -359,9 +364,10 @@ class Trainer:
         loss_sum = torch.zeros(1, dtype=torch.float64)
         self.model.eval()
         desc = f"Epoch {epoch}/{cfg.num_epochs} [Val]" if epoch else "[Val]"
-        loader = self._loader(self.val_set, sampler)
+        batches = self._batches(self.val_set, sampler)
         with torch.no_grad():
-            for x, valid, y in tqdm(loader, desc=desc, disable=not self.show_progress, leave=False):
+            for x, valid, y in tqdm(batches, total=len(sampler), desc=desc, disable=not self.show_progress,
+                                    leave=False):
                 x, valid, y = x.to(self.device), valid.to(self.device), y.to(self.device)
                 autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
                 with autocast:

@@ -93,6 +93,7 @@ def load_or_build(samples: list[SampleRef], cfg: DataConfig, cache_root: Path | 
         try:
             cached = _read_entry(folder)
             log.info("Using %d preprocessed samples from cache %s", len(cached), folder)
+            _warn_skipped(cached.skipped, len(samples))
             return cached
         except (OSError, ValueError, KeyError) as error:
             log.warning("Cache entry %s is unreadable (%s); rebuilding it", folder, error)
@@ -122,6 +123,8 @@ def _probe_frame_shape(sample: SampleRef) -> tuple[int, ...]:
     """Read a sample's frame shape without loading it (the .npy header only)."""
     if sample.path.suffix.lower() == ".parquet":
         return (KAGGLE_POINTS, 3)
+    if not sample.path.is_file():
+        raise DataError(f"{sample.path}: file not found")
     try:
         array = np.load(sample.path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -173,8 +176,11 @@ def _build_entry(samples: list[SampleRef], cfg: DataConfig, cache_root: Path, ke
                  show_progress: bool) -> CachedData:
     bad = _BadSamples(cfg.bad_file_policy)
     frame_shape, good = _expected_frame_shape(samples, bad)
-    prep = Preprocessing.for_frame_shape(frame_shape, cfg.landmarks, cfg.coords, cfg.normalize, cfg.max_seq_len,
-                                         cfg.seq_policy)
+    try:
+        prep = Preprocessing.for_frame_shape(frame_shape, cfg.landmarks, cfg.coords, cfg.normalize,
+                                             cfg.max_seq_len, cfg.seq_policy)
+    except ValueError as error:
+        raise DataError(f"{good[0].path} and {len(good) - 1} other file(s): unsupported frame shape: {error}") from None
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache_root))
     try:
@@ -215,11 +221,18 @@ def _build_entry(samples: list[SampleRef], cfg: DataConfig, cache_root: Path, ke
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if bad.items:
-        listing = "\n".join(f"  {sample_id}: {reason}" for sample_id, reason in bad.items[:50])
-        log.warning("Skipped %d of %d samples (bad_file_policy=skip):\n%s", len(bad.items), len(samples), listing)
+    _warn_skipped(bad.items, len(samples))
     log.info("Preprocessed %d samples into cache %s", len(kept), target)
     return _read_entry(target)
+
+
+def _warn_skipped(skipped: list[tuple[str, str]], total: int) -> None:
+    """Log one warning listing the samples left out under bad_file_policy=skip (the first 50)."""
+    if not skipped:
+        return
+    listing = "\n".join(f"  {sample_id}: {reason}" for sample_id, reason in skipped[:50])
+    more = f"\n  ... and {len(skipped) - 50} more" if len(skipped) > 50 else ""
+    log.warning("Skipped %d of %d samples (bad_file_policy=skip):\n%s%s", len(skipped), total, listing, more)
 
 
 def _shrink(path: Path, rows: int) -> None:
@@ -228,7 +241,8 @@ def _shrink(path: Path, rows: int) -> None:
     shrunk_path = path.with_suffix(".shrink.npy")
     shrunk = np.lib.format.open_memmap(shrunk_path, mode="w+", dtype=source.dtype, shape=(rows,) + source.shape[1:])
     for start in range(0, rows, 1024):
-        shrunk[start:start + 1024] = source[start:start + 1024]
+        stop = min(start + 1024, rows)
+        shrunk[start:stop] = source[start:stop]
     shrunk.flush()
     del shrunk, source
     os.replace(shrunk_path, path)

@@ -146,7 +146,11 @@ class Augmenter:
         if self.cfg.aug_time_scale > 0:
             factor = 1.0 + rng.uniform(-self.cfg.aug_time_scale, self.cfg.aug_time_scale)
             new_length = int(np.clip(round(length * factor), 1, len(clip)))
-            frames = frames[np.round(np.linspace(0, length - 1, new_length)).astype(np.int64)]
+            resampled = frames[np.round(np.linspace(0, length - 1, new_length)).astype(np.int64)]
+            # Resampling can drop every visible frame of a sparse clip, and a clip without one valid
+            # frame gives NaN logits, so such a clip keeps its original length.
+            if np.isfinite(resampled).any():
+                frames = resampled
         if self.coord_count >= 2:
             points = frames.reshape(len(frames), -1, self.coord_count).copy()
             self._affine(points, rng)

@@ -147,25 +147,40 @@ def read_kaggle_parquet(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        table = pq.read_table(path, columns=list(KAGGLE_COLUMNS))
+        with pq.ParquetFile(path) as parquet:
+            present = set(parquet.schema_arrow.names)
+            table = parquet.read(columns=[name for name in KAGGLE_COLUMNS if name in present])
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, KeyError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path}: unreadable parquet file ({reason})") from None
+    missing = [name for name in KAGGLE_COLUMNS if name not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(KAGGLE_COLUMNS)}")
     if table.num_rows == 0:
         raise DataError(f"{path}: empty sequence (no rows)")
+    with_nulls = [name for name in ("frame", "type", "landmark_index") if table[name].null_count]
+    if with_nulls:
+        raise DataError(f"{path}: null values in column(s) {', '.join(with_nulls)}")
+    try:
+        frame_column = pc.cast(table["frame"], pa.int64()).to_numpy(zero_copy_only=False)
+        landmark = pc.cast(table["landmark_index"], pa.int64()).to_numpy(zero_copy_only=False)
+        coordinates = [pc.cast(table[name], pa.float32()).to_numpy(zero_copy_only=False) for name in "xyz"]
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
+        raise DataError(
+            f"{path}: invalid values in column frame, landmark_index, x, y or z "
+            f"({str(error).splitlines()[0]}); expected integer frame and landmark_index, numeric x, y, z"
+        ) from None
     type_index = pc.index_in(pc.cast(table["type"], pa.string()), value_set=pa.array(KAGGLE_TYPES))
     if type_index.null_count:
         bad = pc.unique(pc.filter(table["type"], pc.is_null(type_index))).to_pylist()[:5]
         raise DataError(f"{path}: unknown landmark type(s) {bad}; expected {', '.join(KAGGLE_TYPES)}")
     type_index = type_index.to_numpy(zero_copy_only=False).astype(np.int64)
-    landmark = table["landmark_index"].to_numpy(zero_copy_only=False).astype(np.int64)
     if ((landmark < 0) | (landmark >= KAGGLE_TYPE_SIZES[type_index])).any():
         raise DataError(f"{path}: landmark_index out of range for its type")
-    frame_ids, frame_index = np.unique(table["frame"].to_numpy(zero_copy_only=False), return_inverse=True)
+    frame_ids, frame_index = np.unique(frame_column, return_inverse=True)
     frames = np.full((len(frame_ids), KAGGLE_POINTS, 3), np.nan, dtype=np.float32)
     point = KAGGLE_TYPE_OFFSETS[type_index] + landmark
-    for axis, name in enumerate("xyz"):
-        values = pc.cast(table[name], pa.float32()).to_numpy(zero_copy_only=False)
+    for axis, values in enumerate(coordinates):
         frames[frame_index, point, axis] = values
     return frames
 

@@ -1,0 +1,383 @@
+"""Exact, crash-safe resume, shown with real training processes and real signals.
+
+Every run trains a small model on the embedded demo data. A baseline run trains without
+interruption; each test stops a run in another way, resumes it, and compares the final
+model and optimizer tensors bit for bit and the history row for row (timings aside).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from isaret.checkpoint import load_checkpoint
+from isaret.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 4
+SMALL_MODEL = ["--set", "d_model=32", "--set", "nhead=2", "--set", "num_layers=1", "--set", "dim_feedforward=64"]
+
+# A training process that signals itself after a chosen optimizer step, or dies in the middle
+# of writing a chosen checkpoint, so that the stop lands at a known point.
+DRIVER = textwrap.dedent("""
+    import io, os, signal, sys
+    import torch
+    from isaret import trainer
+    from isaret.cli import main
+
+    mode, at = sys.argv[1], int(sys.argv[2])
+    if mode == "kill-during-save":
+        real_save, calls = torch.save, [0]
+        def dying_save(obj, stream, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == at:
+                buffer = io.BytesIO()
+                real_save(obj, buffer, *args, **kwargs)
+                stream.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                stream.flush()
+                os.fsync(stream.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, stream, *args, **kwargs)
+        torch.save = dying_save
+    else:
+        original = trainer.Trainer._optimizer_step
+        def step_then_signal(self):
+            original(self)
+            if self.progress.global_step == at:
+                os.kill(os.getpid(), getattr(signal, mode))
+        trainer.Trainer._optimizer_step = step_then_signal
+    sys.exit(main(["train", *sys.argv[3:]]))
+""")
+
+
+def train_args(folder: Path, cache: Path, *extra: str) -> list[str]:
+    return ["--checkpoint-dir", str(folder), "--epochs", str(EPOCHS), "--batch-size", "8", "--no-progress",
+            "--set", f"cache_dir={cache}", *SMALL_MODEL, *extra]
+
+
+def run_cli(*args: str, driver: tuple[str, int] | None = None, cwd: Path | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `isaret train ARGS` (or the self-signalling driver) in a new Python process."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    if driver is None:
+        command = [sys.executable, "-m", "isaret", "train", *args]
+    else:
+        command = [sys.executable, "-c", DRIVER, driver[0], str(driver[1]), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=timeout)
+
+
+def final_state(folder: Path) -> dict:
+    return load_checkpoint(folder / "last_model.pth")
+
+
+def assert_same_tensors(left, right, where: str = "") -> None:
+    """Compare nested state dicts tensor by tensor, bit for bit."""
+    if isinstance(left, torch.Tensor):
+        assert isinstance(right, torch.Tensor), where
+        assert left.dtype == right.dtype, where
+        assert torch.equal(left, right), f"tensors differ at {where}"
+    elif isinstance(left, dict):
+        assert set(left) == set(right), where
+        for key in left:
+            assert_same_tensors(left[key], right[key], f"{where}/{key}")
+    elif isinstance(left, (list, tuple)):
+        assert len(left) == len(right), where
+        for index, (a, b) in enumerate(zip(left, right)):
+            assert_same_tensors(a, b, f"{where}[{index}]")
+    else:
+        assert left == right, f"values differ at {where}: {left!r} != {right!r}"
+
+
+def without_timings(history: list[dict]) -> list[dict]:
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in history]
+
+
+def assert_same_run(resumed: dict, baseline: dict) -> None:
+    assert resumed["epoch"] == baseline["epoch"]
+    assert resumed["global_step"] == baseline["global_step"]
+    assert_same_tensors(resumed["model_state_dict"], baseline["model_state_dict"], "model")
+    assert_same_tensors(resumed["optimizer_state_dict"], baseline["optimizer_state_dict"], "optimizer")
+    assert without_timings(resumed["history"]) == without_timings(baseline["history"])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, cache) -> Path:
+    """An uninterrupted run with an epoch file kept for every epoch."""
+    folder = tmp_path_factory.mktemp("baseline")
+    result = run_cli(*train_args(folder, cache, "--set", "keep_last_k=10"))
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_resume_epoch_boundary_identical(baseline, cache, tmp_path):
+    folder = tmp_path / "run"
+    result = run_cli(*train_args(folder, cache), "--resume", str(baseline / "epoch_002.pth"))
+    assert result.returncode == 0, result.stderr
+    assert "RESUMING TRAINING from epoch 3" in result.stderr
+    assert "resuming from epoch 3 (step" in result.stderr
+    assert_same_run(final_state(folder), final_state(baseline))
+
+
+def test_resume_after_sigint_mid_epoch(baseline, cache, tmp_path):
+    folder = tmp_path / "run"
+    stopped = run_cli(*train_args(folder, cache), driver=("SIGINT", 10))
+    assert stopped.returncode == 130, stopped.stderr
+    assert f"resume with: isaret train --resume {folder / 'last_model.pth'}" in stopped.stderr
+    interrupted = load_checkpoint(folder / "last_model.pth")
+    assert interrupted["global_step"] == 10
+    assert interrupted["batch_in_epoch"] > 0
+    resumed = run_cli("--resume", str(folder / "last_model.pth"), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"batch {interrupted['batch_in_epoch'] + 1}" in resumed.stderr
+    assert_same_run(final_state(folder), final_state(baseline))
+
+
+def test_resume_after_sigterm_with_workers(cache, tmp_path):
+    workers = ["--set", "num_workers=2"]
+    reference = tmp_path / "reference"
+    assert run_cli(*train_args(reference, cache, *workers)).returncode == 0
+    folder = tmp_path / "run"
+    stopped = run_cli(*train_args(folder, cache, *workers), driver=("SIGTERM", 13))
+    assert stopped.returncode == 143, stopped.stderr
+    resumed = run_cli("--resume", str(folder / "last_model.pth"), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(final_state(folder), final_state(reference))
+
+
+def test_resume_sigint_from_terminal_process_group(baseline, cache, tmp_path):
+    """Ctrl+C in a terminal signals the whole process group, DataLoader workers included."""
+    folder = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    args = train_args(folder, cache, "--set", "num_workers=2", "--set", "save_every_steps=1")
+    process = subprocess.Popen([sys.executable, "-m", "isaret", "train", *args], cwd=REPO, env=env,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (folder / "last_model.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode in (0, 130), stderr
+    assert "Traceback" not in stderr
+    resumed = run_cli("--auto-resume", *train_args(folder, cache, "--set", "num_workers=2"))
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tmp_path / "reference"
+    assert run_cli(*train_args(reference, cache, "--set", "num_workers=2")).returncode == 0
+    assert_same_run(final_state(folder), final_state(reference))
+
+
+def test_resume_after_sigkill_at_random_time(baseline, cache, tmp_path):
+    folder = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    args = train_args(folder, cache, "--set", "save_every_steps=3")
+    process = subprocess.Popen([sys.executable, "-m", "isaret", "train", *args], cwd=REPO, env=env,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (folder / "last_model.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    process.kill()
+    process.wait(timeout=60)
+    resumed = run_cli(*args, "--auto-resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(final_state(folder), final_state(baseline))
+
+
+def test_resume_after_sigkill_during_save(baseline, cache, tmp_path):
+    folder = tmp_path / "run"
+    args = train_args(folder, cache, "--set", "save_every_steps=4")
+    killed = run_cli(*args, driver=("kill-during-save", 3))
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers, "the killed save should have left its temp file behind"
+    committed = load_checkpoint(folder / "last_model.pth")
+    assert committed["global_step"] == 8
+    resumed = run_cli(*args, "--auto-resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
+    assert_same_run(final_state(folder), final_state(baseline))
+
+
+def test_resume_from_best_replays_later_epochs(cache, tmp_path):
+    original = tmp_path / "original"
+    args = train_args(original, cache, "--set", "keep_last_k=10", "--epochs", "6", "--lr", "0.003")
+    assert run_cli(*args).returncode == 0
+    baseline = final_state(original)
+    best_epoch = baseline["progress"]["best_epoch"]
+    assert best_epoch < 6, "setup: the best epoch must come before the last one"
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy, ignore=shutil.ignore_patterns("last_model.pth", "epoch_*.pth"))
+    resumed = run_cli("--resume-from-best", "--checkpoint-dir", str(copy), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"RESUMING TRAINING from epoch {best_epoch + 1}" in resumed.stderr
+    assert_same_run(final_state(copy), baseline)
+    assert load_checkpoint(copy / "best_model.pth")["epoch"] == best_epoch
+
+
+def test_resume_early_stop_same_epoch(cache, tmp_path):
+    original = tmp_path / "original"
+    args = ["--set", "early_stopping_patience=2", "--set", "keep_last_k=20", "--epochs", "20", "--lr", "0.003"]
+    assert run_cli(*train_args(original, cache, *args)).returncode == 0
+    baseline = final_state(original)
+    stop_epoch = baseline["epoch"]
+    assert baseline["progress"]["stopped_early"], "setup: the run must stop early"
+    resume_file = f"epoch_{stop_epoch - 1:03d}.pth"
+    assert load_checkpoint(original / resume_file)["patience_counter"] == 1
+    folder = tmp_path / "run"
+    shutil.copytree(original, folder, ignore=shutil.ignore_patterns("last_model.pth", f"epoch_{stop_epoch:03d}.pth"))
+    best_before = (folder / "best_model.pth").read_bytes()
+    resumed = run_cli("--resume", str(folder / resume_file), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "early stopping patience 1/2" in resumed.stderr
+    assert f"Early stopping at epoch {stop_epoch}" in resumed.stderr
+    assert_same_run(final_state(folder), baseline)
+    assert (folder / "best_model.pth").read_bytes() == best_before
+
+
+def test_resume_lr_and_epochs_change(baseline, cache, tmp_path):
+    folder = tmp_path / "run"
+    result = run_cli("--resume", str(baseline / "epoch_002.pth"), "--checkpoint-dir", str(folder),
+                     "--lr", "0.01", "--epochs", "7", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "lr: 0.001 -> 0.01" in result.stderr
+    assert "num_epochs: 4 -> 7" in result.stderr
+    state = final_state(folder)
+    assert state["epoch"] == 7
+    history = state["history"]
+    assert len(history) == 7
+    assert history[2]["lr"] > history[1]["lr"] * 5
+    assert state["scheduler_state_dict"]["lr_lambdas"][0]["total_steps"] == 7 * 8
+
+
+def test_resume_past_original_schedule(baseline, cache, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(baseline, folder)
+    result = run_cli("--resume", str(folder / "last_model.pth"), "--epochs", "6", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    state = final_state(folder)
+    assert state["epoch"] == 6
+    assert state["history"][-1]["lr"] > 0
+
+
+def test_resume_architecture_mismatch_lists_fields(baseline, capsys):
+    code = main(["train", "--resume", str(baseline / "last_model.pth"), "--set", "d_model=64",
+                 "--set", "num_layers=2", "--set", "max_seq_len=32", "--no-progress"])
+    message = capsys.readouterr().err
+    assert code == 1
+    assert "d_model: checkpoint 32, current 64" in message
+    assert "num_layers: checkpoint 1, current 2" in message
+    assert "max_seq_len: checkpoint 64, current 32" in message
+    assert "--set d_model=32" in message
+
+
+def test_resume_finished_run_trains_nothing(baseline, capsys):
+    before = (baseline / "last_model.pth").stat().st_mtime_ns
+    code = main(["train", "--resume", str(baseline / "last_model.pth"), "--no-progress"])
+    message = capsys.readouterr().err
+    assert code == 0
+    assert "Nothing to train: the run ended at epoch 4 of 4" in message
+    assert (baseline / "last_model.pth").stat().st_mtime_ns == before
+
+
+def test_fresh_start_into_existing_run_refused(baseline, cache, capsys):
+    code = main(["train", *train_args(baseline, cache)])
+    message = capsys.readouterr().err
+    assert code == 1
+    assert "already holds a run" in message
+    assert "--auto-resume" in message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bitflip", "empty", "foreign", "code"])
+def test_resume_damaged_checkpoint_reported(baseline, tmp_path, capsys, damage):
+    folder = tmp_path / "run"
+    shutil.copytree(baseline, folder)
+    last = folder / "last_model.pth"
+    marker = tmp_path / "code-ran"
+    damage_file(last, damage, marker)
+    code = main(["train", "--resume", str(last), "--no-progress"])
+    message = capsys.readouterr().err
+    assert code == 1
+    assert str(last) in message
+    assert not marker.exists()
+    reasons = {"truncated": "corrupt", "bitflip": "corrupt", "empty": "empty", "foreign": "not an isaret checkpoint",
+               "code": "refused"}
+    assert reasons[damage] in message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bitflip", "empty", "foreign", "code"])
+def test_auto_resume_falls_back(baseline, tmp_path, capsys, damage):
+    folder = tmp_path / "run"
+    shutil.copytree(baseline, folder)
+    for newer in ("last_model.pth", "epoch_004.pth"):
+        damage_file(folder / newer, damage, tmp_path / "code-ran")
+        os.utime(folder / newer)
+    code = main(["train", "--auto-resume", "--checkpoint-dir", str(folder), "--epochs", str(EPOCHS),
+                 "--no-progress"])
+    message = capsys.readouterr().err
+    assert code == 0
+    assert not (tmp_path / "code-ran").exists()
+    assert f"Skipping checkpoint: invalid checkpoint {folder / 'last_model.pth'}" in message or \
+        f"refused to load {folder / 'last_model.pth'}" in message
+    assert "Falling back to the newest valid checkpoint" in message
+
+
+def damage_file(path: Path, damage: str, marker: Path) -> None:
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "bitflip":
+        position = len(data) // 2
+        path.write_bytes(data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1:])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "foreign":
+        path.unlink()
+        torch.save({"state_dict": {"weight": torch.ones(3)}}, path)
+    elif damage == "code":
+        path.unlink()
+        torch.save({"payload": _WritesMarker(str(marker))}, path)
+
+
+class _WritesMarker:
+    """An object whose unpickling would create a file: a stand-in for malicious code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_inspect_real_checkpoint(baseline, capsys):
+    code = main(["inspect", str(baseline / "last_model.pth")])
+    output = capsys.readouterr().out
+    assert code == 0
+    assert "format version: 1" in output
+    assert f"epoch: {EPOCHS} completed" in output
+    assert "mid-epoch: no" in output
+    assert "classes (2): hello, thankyou" in output
+    assert "best val acc:" in output
+    assert f"history: {EPOCHS} epochs" in output
+
+
+def test_inspect_config_differences(baseline, tmp_path, capsys):
+    config = tmp_path / "other.toml"
+    config.write_text("[model]\nd_model = 64\n[train]\nlr = 0.01\n", encoding="utf-8")
+    code = main(["inspect", str(baseline / "last_model.pth"), "--config", str(config)])
+    output = capsys.readouterr().out
+    assert code == 0
+    assert "d_model: checkpoint 32, config 64 (blocks a resume)" in output
+    assert "lr: checkpoint 0.001, config 0.01 (allowed on resume)" in output
