@@ -149,3 +149,39 @@ def data_config(**overrides) -> DataConfig:
     values = {"max_seq_len": 16}
     values.update(overrides)
     return DataConfig(**values)
+
+
+# ----------------------------------------------------------------------------- trained runs
+
+TINY_RUN = ["--epochs", "2", "--no-progress", "--set", "d_model=32", "--set", "dim_feedforward=64",
+            "--set", "num_layers=1"]
+
+
+def train_tiny_run(folder: Path, cache: Path, data_args: list[str]) -> Path:
+    """Train a tiny model in-process and return its checkpoint folder."""
+    from isaret.cli import main
+
+    status = main(["train", "--checkpoint-dir", str(folder), "--set", f"cache_dir={cache}", *TINY_RUN, *data_args])
+    assert status == 0
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """A tiny run on the embedded demo data, trained once per test session."""
+    base = tmp_path_factory.mktemp("demo_run")
+    return train_tiny_run(base / "run", base / "cache", [])
+
+
+@pytest.fixture(scope="session")
+def thai_run(tmp_path_factory) -> Path:
+    """A tiny run on the Thai Leap Motion data, trained once per test session."""
+    if not THAI_DIR.is_dir():
+        pytest.skip(f"real Thai TSL data not found at {THAI_DIR}")
+    base = tmp_path_factory.mktemp("thai_run")
+    return train_tiny_run(base / "run", base / "cache", ["--data", str(THAI_DIR)])
+
+
+@pytest.fixture(params=["demo", "thai"])
+def run_folder(request) -> Path:
+    return request.getfixturevalue(f"{request.param}_run")

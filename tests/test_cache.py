@@ -78,7 +78,7 @@ NPY_DAMAGE = {
 
 @pytest.fixture
 def kaggle_set(tmp_path, make_kaggle_dataset):
-    """Six three-frame clips of two signs by three signers; returns (root, samples)."""
+    """Return (root, samples) of six three-frame clips of two signs by three signers."""
     rng = np.random.default_rng(0)
     clips = [(f"s{i % 3}", "hello" if i % 2 else "thanks", holistic_clip(rng, 3)) for i in range(6)]
     root = make_kaggle_dataset(tmp_path / "kaggle", clips)

@@ -16,7 +16,7 @@ def flat_prep(features: int, max_seq_len: int, seq_policy: str) -> Preprocessing
 
 
 def counting_clip(frames: int, features: int = 4) -> np.ndarray:
-    """Return a flat clip whose frame t holds the value t in every feature."""
+    """Return a flat clip whose frame t has the value t in every feature."""
     return np.repeat(np.arange(frames, dtype=np.float32)[:, None], features, axis=1)
 
 
@@ -104,8 +104,8 @@ def test_preprocess_selected_landmarks_all_nan_rejected():
 
 @pytest.mark.parametrize("seq_policy", ["truncate", "resample"])
 def test_preprocess_no_valid_frame_kept_rejected(seq_policy):
-    # Only frame 3 has values; truncation to 8 frames never reaches it and resampling
-    # 100 frames to 8 picks 0, 14, 28, ..., which skips it too.
+    # Truncation to 8 frames never reaches frame 50, and resampling 100 frames to 8 picks
+    # frames 0, 14, 28, ... and so skips frame 3.
     clip = np.full((100, 4), np.nan, np.float32)
     clip[3 if seq_policy == "resample" else 50] = 1.0
 
@@ -181,7 +181,7 @@ def test_normalize_hands_on_wrists():
     clip[:, 30, :2] = (30.0, 28.0)  # right middle-finger base: hand size 8
     out = normalize_clip(clip, detect_layout((2, 21, 3)))
 
-    # Centre: mean wrist (20, 20); scale: mean hand size 6.
+    # The centre is the mean wrist (20, 20), and the scale is the mean hand size 6.
     np.testing.assert_allclose(out[:, 0, :2], [[-10 / 6, 0.0]] * 3, atol=1e-5)
     np.testing.assert_allclose(out[:, 21, :2], [[10 / 6, 0.0]] * 3, atol=1e-5)
     np.testing.assert_allclose(out[:, 5, :2], (clip[:, 5, :2] - 20.0) / 6, atol=1e-5)

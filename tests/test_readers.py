@@ -157,7 +157,7 @@ def test_thai_real_shapes_and_nan(thai_dir):
         assert frames.dtype == np.float32
         np.testing.assert_array_equal(hand_any_nan, hand_all_nan)
 
-    # "emergency" is signed with the right hand only; "hello" with both hands.
+    # "emergency" is signed with the right hand only, and "hello" with both hands.
     assert hands_missing["emergency/1.npy"][:, 0].all()
     assert not hands_missing["emergency/1.npy"][:, 1].all()
     assert (~hands_missing["hello/1.npy"]).all(axis=1).any()

@@ -7,6 +7,7 @@ model and optimizer tensors bit for bit and the history row for row (timings asi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -296,7 +297,7 @@ def test_fresh_start_into_existing_run_refused(baseline, cache, capsys):
     code = main(["train", *train_args(baseline, cache)])
     message = capsys.readouterr().err
     assert code == 1
-    assert "already holds a run" in message
+    assert "already contains a run" in message
     assert "--auto-resume" in message
 
 
@@ -313,7 +314,7 @@ def test_resume_damaged_checkpoint_reported(baseline, tmp_path, capsys, damage):
     assert str(last) in message
     assert not marker.exists()
     reasons = {"truncated": "corrupt", "bitflip": "corrupt", "empty": "empty", "foreign": "not an isaret checkpoint",
-               "code": "refused"}
+               "code": "pickled Python objects"}
     assert reasons[damage] in message
 
 
@@ -330,7 +331,7 @@ def test_auto_resume_falls_back(baseline, tmp_path, capsys, damage):
     assert code == 0
     assert not (tmp_path / "code-ran").exists()
     assert f"Skipping checkpoint: invalid checkpoint {folder / 'last_model.pth'}" in message or \
-        f"refused to load {folder / 'last_model.pth'}" in message
+        f"cannot load {folder / 'last_model.pth'}" in message
     assert "Falling back to the newest valid checkpoint" in message
 
 
@@ -381,3 +382,15 @@ def test_inspect_config_differences(baseline, tmp_path, capsys):
     assert code == 0
     assert "d_model: checkpoint 32, config 64 (blocks a resume)" in output
     assert "lr: checkpoint 0.001, config 0.01 (allowed on resume)" in output
+
+
+def test_resume_history_outside_checkpoint(baseline, cache, tmp_path):
+    folder = tmp_path / "run"
+    args = train_args(folder, cache, "--set", "save_history_in_checkpoint=false", "--set", "keep_last_k=10")
+    assert run_cli(*args).returncode == 0
+    assert load_checkpoint(folder / "last_model.pth")["history"] == []
+    resumed = run_cli("--resume", str(folder / "epoch_002.pth"), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = json.loads((folder / "history.json").read_text())["epochs"]
+    expected = json.loads((baseline / "history.json").read_text())["epochs"]
+    assert without_timings(rows) == without_timings(expected)

@@ -16,7 +16,6 @@ import pickle
 import random
 import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ def _feed(digest: "hashlib._Hash", value: Any) -> None:
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu().contiguous()
         digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     elif isinstance(value, dict):
         digest.update(f"D{len(value)}".encode())
         for key in sorted(value, key=repr):
@@ -81,8 +80,12 @@ def _fsync_folder(folder: Path) -> None:
         os.close(handle)
 
 
-def save_atomic(payload: dict, path: Path) -> None:
-    """Write a checkpoint: temp file in the same folder, fsync, os.replace, fsync of the folder."""
+def save_atomic(payload: dict, path: Path, sync_folder: bool = True) -> None:
+    """Write a checkpoint: temp file in the same folder, fsync, os.replace, fsync of the folder.
+
+    A caller that renames more files into the same folder may pass sync_folder=False and fsync
+    the folder once after the last rename.
+    """
     payload = dict(payload, format=FORMAT, format_version=FORMAT_VERSION)
     payload["integrity"] = integrity_digest(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +101,8 @@ def save_atomic(payload: dict, path: Path) -> None:
         if isinstance(error, OSError):
             raise CheckpointError(f"failed to write checkpoint {path}: {error}") from error
         raise
-    _fsync_folder(path.parent)
+    if sync_folder:
+        _fsync_folder(path.parent)
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
@@ -124,12 +128,11 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"refused to load {path}: it contains pickled Python objects that weights_only loading does not "
-            f"allow, so none of its code was run ({str(error).splitlines()[0][:200]}); "
-            "only load checkpoints written by isaret"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
+        raise _unpickling_error(path, error) from None
+    except Exception as error:
+        # Damaged bytes make torch.load raise many exception types (seen with torch 2.13 on
+        # single-bit flips: RuntimeError, EOFError, ValueError, IndexError, TypeError,
+        # AttributeError, AssertionError), so any failure here means a corrupt file.
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise CheckpointError(f"invalid checkpoint {path}: corrupt or truncated file ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -139,12 +142,30 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(
             f"unsupported checkpoint {path}: format version {version}; this isaret reads version {FORMAT_VERSION}"
         )
-    if payload.get("integrity") != integrity_digest(payload):
+    try:
+        digest = integrity_digest(payload)
+    except (CheckpointError, RuntimeError) as error:
+        reason = str(error).splitlines()[0][:200]
+        raise CheckpointError(f"invalid checkpoint {path}: corrupt content ({reason})") from None
+    if payload.get("integrity") != digest:
         raise CheckpointError(
             f"invalid checkpoint {path}: integrity check failed (the stored SHA-256 does not match the content); "
             "the file is corrupt"
         )
     return payload
+
+
+def _unpickling_error(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
+    """Tell a file that carries pickled objects (a global outside the allowlist) from a corrupt one."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    first = detail[0].strip() if detail else ""
+    if first.startswith("Unsupported global"):
+        return CheckpointError(
+            f"cannot load {path}: it contains pickled Python objects, which weights_only loading rejects, "
+            f"so none of its code was run ({first[:200]}); load only checkpoints written by isaret"
+        )
+    return CheckpointError(f"invalid checkpoint {path}: corrupt file (unpickling failed: {first[:200]})")
 
 
 def checkpoint_candidates(folder: Path) -> list[Path]:
@@ -242,7 +263,6 @@ def _link_atomic(source: Path, target: Path) -> None:
             writer.flush()
             os.fsync(writer.fileno())
     os.replace(temp, target)
-    _fsync_folder(target.parent)
 
 
 class Checkpointer:
@@ -265,9 +285,10 @@ class Checkpointer:
 
         def write() -> None:
             first = target if epoch_file is None else self.folder / epoch_name(epoch_file)
-            save_atomic(state, first)
+            save_atomic(state, first, sync_folder=False)
             for other in ([] if first == target else [name]) + list(links):
                 _link_atomic(first, self.folder / other)
+            _fsync_folder(self.folder)
             if epoch_file is None:
                 return
             keep = (protected or set()) | {first.resolve()}
@@ -283,7 +304,7 @@ class Checkpointer:
     def load(self, path: Path | None, from_best: bool, auto: bool) -> tuple[Path, dict] | None:
         """Find and load the checkpoint to resume from, or return None for a fresh start.
 
-        A fresh start into a folder that already holds checkpoints raises CheckpointError, so a
+        A fresh start into a folder that already contains checkpoints raises CheckpointError, so a
         run is never overwritten silently.
         """
         if path is not None:
@@ -300,7 +321,7 @@ class Checkpointer:
             return found
         if self.existing():
             raise CheckpointError(
-                f"{self.folder} already holds a run ({', '.join(p.name for p in self.existing()[:3])}); "
+                f"{self.folder} already contains a run ({', '.join(p.name for p in self.existing()[:3])}); "
                 f"continue it with --resume {self.folder / LAST} or --auto-resume, or choose another "
                 "--checkpoint-dir"
             )

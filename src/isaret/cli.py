@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from isaret import __version__
-from isaret.config import Config, field_help, field_names, load_toml, parse_assignment
+from isaret.config import Config, describe_field, field_names, load_toml, parse_assignment
 from isaret.errors import ConfigError, IsaretError, TrainingInterrupted
 
 log = logging.getLogger("isaret")
@@ -35,7 +35,9 @@ class TqdmHandler(logging.Handler):
 def setup_logging(verbose: bool, rank: int = 0) -> None:
     """Send isaret's log to stderr: INFO on rank 0, warnings and errors only on other ranks."""
     root = logging.getLogger("isaret")
-    root.handlers.clear()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
     handler = TqdmHandler()
     prefix = f"[rank {rank}] " if rank else ""
     handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
@@ -45,12 +47,13 @@ def setup_logging(verbose: bool, rank: int = 0) -> None:
     root.propagate = False
 
 
-def add_log_file(folder: Path) -> None:
-    """Append this run's log to train.log in the checkpoint folder."""
+def add_log_file(folder: Path) -> logging.Handler:
+    """Append this run's log to train.log in the checkpoint folder; the caller removes the handler."""
     folder.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(folder / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("isaret").addHandler(handler)
+    return handler
 
 
 # ----------------------------------------------------------------------------- train
@@ -87,7 +90,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "there is none")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    fields = "\n".join(f"  {name}: {field_help(name)}" for name in field_names())
+    fields = "\n".join(f"  {name}: {describe_field(name)}" for name in field_names())
     parser.epilog = f"config fields (for --set and TOML files):\n{fields}"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -140,15 +143,28 @@ def run_train(args: argparse.Namespace) -> int:
         draft.set(name, value, source)
     ctx = init_distributed(draft.train.device, draft.train.dist_backend)
     setup_logging(args.verbose, ctx.rank)
+    log_file = None
     try:
         resume = ResumeRequest(path=Path(args.resume) if args.resume else None, from_best=args.resume_from_best,
                                auto=args.auto_resume)
         cfg, path, checkpoint = resolve_config(overrides, resume, ctx)
         if ctx.is_main:
-            add_log_file(Path(cfg.checkpoint.checkpoint_dir))
+            log_file = add_log_file(Path(cfg.checkpoint.checkpoint_dir))
         log.info("isaret %s: training in %s", __version__, cfg.checkpoint.checkpoint_dir)
         run_training(cfg, path, checkpoint, ctx, show_progress=not args.no_progress)
+    except TrainingInterrupted as stop:
+        log.warning("%s", stop)
+        return stop.exit_code
+    except IsaretError as error:
+        if log_file is not None:
+            # Only into train.log: main() prints the error on the console.
+            log_file.handle(logging.makeLogRecord({"name": "isaret.cli", "levelname": "ERROR",
+                                                   "levelno": logging.ERROR, "msg": f"error: {error}"}))
+        raise
     finally:
+        if log_file is not None:
+            logging.getLogger("isaret").removeHandler(log_file)
+            log_file.close()
         shutdown(ctx)
     return 0
 

@@ -69,6 +69,7 @@ class ModelConfig:
     num_layers: int = _field(3, "transformer encoder layers", min=1, max=48)
     dim_feedforward: int = _field(256, "hidden size of each encoder layer's feed-forward block", min=8, max=16384)
     dropout: float = _field(0.1, "dropout probability in the encoder and before the head", min=0.0, max=0.9)
+    motion_features: bool = _field(True, "add each frame's difference from the previous frame to its features")
 
 
 @dataclass
@@ -115,7 +116,7 @@ class CheckpointConfig:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "checkpoint": CheckpointConfig}
 
 # Fields that define the model's input, output or architecture: a resume must not change them.
-ARCHITECTURE_FIELDS = ("d_model", "nhead", "num_layers", "dim_feedforward")
+ARCHITECTURE_FIELDS = ("d_model", "nhead", "num_layers", "dim_feedforward", "motion_features")
 DATA_FIELDS = ("landmarks", "coords", "normalize", "max_seq_len", "seq_policy")
 
 
@@ -176,6 +177,13 @@ def field_names() -> list[str]:
 
 def field_help(name: str) -> str:
     return _all_fields()[name][1].metadata["help"]
+
+
+def describe_field(name: str) -> str:
+    """Return 'help (default D, allowed A)' for the --help listing."""
+    field_info = _all_fields()[name][1]
+    default = field_info.default if field_info.default is not dataclasses.MISSING else field_info.default_factory()
+    return f"{field_info.metadata['help']} (default {default!r}{_allowed(field_info.metadata)})"
 
 
 def _find_field(name: str, source: str) -> tuple[str, dataclasses.Field]:

@@ -26,6 +26,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1  # processes on this machine (torchrun's --nproc_per_node)
 
     @property
     def is_main(self) -> bool:
@@ -49,16 +50,44 @@ def init_distributed(device_setting: str, backend_setting: str) -> DistContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     device = choose_device(device_setting, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        backend = backend_setting if backend_setting != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        if backend == "nccl" and device.type != "cuda":
-            raise ConfigError("dist_backend=nccl needs CUDA devices; use dist_backend=gloo or auto on CPU")
+        backend = choose_backend(backend_setting, device, local_world_size)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-        log.info("Joined process group: rank %d of %d, backend %s, device %s", rank, world_size, backend, device)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        # Logging is not set up for the rank yet, so only rank 0 reports (the others log warnings only).
+        if rank == 0:
+            log.info("Joined process group: %d processes on %d machine(s), backend %s, rank 0 on %s",
+                     world_size, world_size // max(local_world_size, 1), backend, device)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                       local_world_size=local_world_size)
+
+
+def choose_backend(setting: str, device: torch.device, local_world_size: int) -> str:
+    """Return the torch.distributed backend: `setting`, or for auto nccl on CUDA and gloo on CPU."""
+    backend = setting
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("dist_backend=nccl needs CUDA devices; use dist_backend=gloo or auto on CPU")
+    if backend == "nccl" and local_world_size > torch.cuda.device_count():
+        raise ConfigError(
+            f"torchrun started {local_world_size} processes on this machine but it has "
+            f"{torch.cuda.device_count()} CUDA device(s), and NCCL needs one device per process; "
+            "set --nproc_per_node to at most the number of GPUs"
+        )
+    return backend
+
+
+def launch_command(ctx: DistContext) -> str:
+    """Return the torchrun command prefix that starts `isaret train` with this run's processes."""
+    if ctx.world_size == ctx.local_world_size:
+        return f"torchrun --nproc_per_node={ctx.local_world_size} -m isaret train"
+    nodes = ctx.world_size // max(ctx.local_world_size, 1)
+    return (f"torchrun --nnodes={nodes} --nproc_per_node={ctx.local_world_size} --node_rank=N "
+            "--rdzv_endpoint=HOST:PORT -m isaret train")
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -1,9 +1,9 @@
 """`isaret evaluate`: accuracy, top-k accuracy, macro-F1 and per-class scores of a checkpoint.
 
-By default the checkpoint is measured on its own validation split: the data set named in its
-config is read again, preprocessed with the checkpoint's settings (through the same cache as
+By default the checkpoint is measured on its own validation split. The data set named in its
+config is read again and preprocessed with the checkpoint's settings (through the same cache as
 training), and the stored validation sample ids are selected. With `--data`, another data set
-is measured; its classes are matched to the checkpoint's by name, and samples of classes that
+is measured. Its classes are matched to the checkpoint's by name, and samples of classes that
 the checkpoint does not know are reported and left out of the metrics.
 """
 
@@ -24,7 +24,7 @@ from isaret.checkpoint import load_checkpoint
 from isaret.config import Config, DataConfig
 from isaret.data.cache import CachedData, load_or_build
 from isaret.data.readers import FORMATS, list_samples
-from isaret.errors import ConfigError, DataError
+from isaret.errors import CheckpointError, ConfigError, DataError
 from isaret.metrics import accuracy, confusion_matrix, macro_f1, per_class_scores, top_k_correct
 from isaret.predict import Predictor
 
@@ -55,7 +55,7 @@ class EvalSet:
 
 
 def checkpoint_data_root(config: Config) -> Path:
-    """Return the data set folder of a checkpoint's config; an empty data_path means the demo data."""
+    """Return the data set folder of a checkpoint's config, where an empty data_path means the demo data."""
     from isaret.trainer import demo_data_path
 
     return Path(config.data.data_path) if config.data.data_path else demo_data_path()
@@ -79,6 +79,9 @@ def _load_cached(checkpoint: dict, root: Path, data_cfg: DataConfig, show_progre
 
 def load_validation_set(checkpoint: dict, cache_dir: str = "", show_progress: bool = False) -> EvalSet:
     """Reload the checkpoint's data set and select the samples of its stored validation split."""
+    if "split" not in checkpoint:
+        raise CheckpointError("the checkpoint stores no train/validation split; pass --data to evaluate it on a "
+                              "data set")
     config = Config.from_dict(checkpoint["config"], source="checkpoint config")
     data_cfg = replace(config.data, cache_dir=cache_dir or config.data.cache_dir)
     root = checkpoint_data_root(config)
@@ -124,7 +127,7 @@ def compute_logits(predictor: Predictor, eval_set: EvalSet, batch_size: int) -> 
 # ----------------------------------------------------------------------------- metrics
 
 def match_labels(labels: list[str], classes: list[str]) -> list[int]:
-    """Return the class index of each label, matched by name after Unicode NFC normalisation; -1 if unknown."""
+    """Return the class index of each label, matched by name after Unicode NFC normalisation, or -1 if unknown."""
     index = {unicodedata.normalize("NFC", name): i for i, name in enumerate(classes)}
     return [index.get(unicodedata.normalize("NFC", label), -1) for label in labels]
 
@@ -174,9 +177,9 @@ def build_report(classes: list[str], sample_ids: list[str], labels: list[str], l
         "macro_f1": macro_f1(confusion),
         "loss": float(loss),
         "classes": list(classes),
-        "per_class": [{"class": name, "precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
-                       "f1": float(scores["f1"][i]), "support": int(scores["support"][i])}
-                      for i, name in enumerate(classes)],
+        "per_class": [{"class": name, "precision": float(scores["precision"][i]),
+                       "recall": float(scores["recall"][i]), "f1": float(scores["f1"][i]),
+                       "support": int(scores["support"][i])} for i, name in enumerate(classes)],
         "confusion_matrix": confusion.tolist(),
         "unknown_classes": dict(sorted(unknown.items())),
         "predictions": [row for row, target in zip(rows, targets.tolist()) if target >= 0],
@@ -215,22 +218,27 @@ def format_report(report: dict) -> str:
 def evaluate_checkpoint(path: Path, data: Path | None = None, data_format: str = "auto",
                         bad_file_policy: str = "error", batch_size: int | None = None, device: str = "cpu",
                         cache_dir: str = "", show_progress: bool = False) -> dict:
-    """Evaluate a checkpoint on its validation split (`data` None) or on another data set; return the report."""
+    """Evaluate a checkpoint on its validation split (`data` None) or on another data set, and return the report."""
     checkpoint = load_checkpoint(path)
     predictor = Predictor(checkpoint, source=str(path), device=device)
     if data is None:
         eval_set = load_validation_set(checkpoint, cache_dir, show_progress)
     else:
         eval_set = load_data_set(checkpoint, data, data_format, bad_file_policy, cache_dir, show_progress)
-    # The trainer validates in batches of twice the training batch size; the same batches give the
-    # same float rounding, so the metrics equal the ones it logged for the same weights.
+    if not eval_set.indices:
+        raise DataError(f"no samples to evaluate in the {eval_set.description}")
+    # The trainer validates in batches of twice the training batch size. The same batches give the
+    # same float rounding, so on the CPU the metrics equal the ones it logged for the same weights.
     batch_size = batch_size or predictor.config.train.batch_size * 2
     log.info("Evaluating %s on %s", path, eval_set.description)
     logits = compute_logits(predictor, eval_set, batch_size)
     report = build_report(predictor.classes, eval_set.sample_ids, eval_set.labels, logits,
                           predictor.config.train.label_smoothing)
+    # Files skipped while caching the checkpoint's own data set were never in its split, so only
+    # another data set's skipped files are reported.
+    skipped = [] if data is None else [list(item) for item in eval_set.data.skipped]
     header = {"checkpoint": str(path), "epoch": int(checkpoint.get("epoch", 0)), "data": eval_set.description,
-              "split": "val" if data is None else None, "skipped_files": [list(item) for item in eval_set.data.skipped]}
+              "split": "val" if data is None else None, "skipped_files": skipped}
     return {**header, **report}
 
 
@@ -240,15 +248,16 @@ def default_out_dir(checkpoint: Path, data: Path | None) -> Path:
 
 
 def write_report(report: dict, out: Path) -> tuple[Path, Path]:
-    """Write the JSON report and the confusion-matrix PNG into `out`; return both paths."""
+    """Write the JSON report and the confusion-matrix PNG into `out`, and return both paths."""
     from isaret.plot import save_confusion_matrix
 
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / REPORT_NAME
     report_path.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-    title = f"{Path(report['checkpoint']).name}: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}"
-    image_path = save_confusion_matrix(np.asarray(report["confusion_matrix"]), report["classes"], out / CONFUSION_NAME,
-                                       title)
+    title = (f"{Path(report['checkpoint']).name}: accuracy {report['accuracy']:.3f}, "
+             f"macro-F1 {report['macro_f1']:.3f}")
+    image_path = save_confusion_matrix(np.asarray(report["confusion_matrix"]), report["classes"],
+                                       out / CONFUSION_NAME, title)
     return report_path, image_path
 
 

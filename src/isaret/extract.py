@@ -7,9 +7,9 @@ NaN where MediaPipe found nothing) and `DIR/train.csv`, so that
 
 Each parquet has a JSON sidecar (`<clip>.extract.json`) with the input file's size and
 modification time and the extraction settings. A clip whose sidecar matches is skipped, so a
-stopped run continues where it was. Parquet, sidecar and train.csv are written to a temporary
-file in the same folder, flushed to disk and renamed into place, and the sidecar is written only
-after its parquet, so a killed run never leaves an output that a later run trusts.
+stopped run continues where it was. Parquet, sidecar and train.csv are each written to a
+temporary file in the same folder, flushed to disk and renamed into place. The sidecar is
+written only after its parquet, so a killed run never leaves an output that a later run trusts.
 
 mediapipe and OpenCV are optional (`pip install "isaret[video]"`) and are imported only inside
 the functions that need them.
@@ -29,9 +29,9 @@ import queue
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -53,17 +53,14 @@ LANDMARK_FOLDER = "landmarks"
 SIDECAR_SUFFIX = ".extract.json"
 TMP_MARKER = ".tmp-"
 MAX_FRAMES = int(np.iinfo(np.int16).max) + 1  # the Kaggle ISLR `frame` column is int16
-# Pose landmark models of mediapipe.solutions.holistic by model_complexity. The 0.10.x wheels ship
-# only the `full` model; MediaPipe would download the other two from the internet on first use.
+# Pose landmark models of mediapipe.solutions.holistic by model_complexity. The mediapipe 0.10.21
+# wheel ships only the `full` model, and MediaPipe would download the other two on first use.
 POSE_MODEL_FILES = {0: "pose_landmark_lite.tflite", 1: "pose_landmark_full.tflite", 2: "pose_landmark_heavy.tflite"}
 FRAMES_PER_PROGRESS_MESSAGE = 8
-# Index of the first point of each landmark type in a (543, 3) frame, e.g. the pose's nose.
-POSE_FIRST = int(KAGGLE_TYPE_OFFSETS[KAGGLE_TYPES.index("pose")])
-FACE_FIRST = int(KAGGLE_TYPE_OFFSETS[KAGGLE_TYPES.index("face")])
-LEFT_HAND_FIRST = int(KAGGLE_TYPE_OFFSETS[KAGGLE_TYPES.index("left_hand")])
-RIGHT_HAND_FIRST = int(KAGGLE_TYPE_OFFSETS[KAGGLE_TYPES.index("right_hand")])
-DETECTED_PARTS = {"pose": POSE_FIRST, "left_hand": LEFT_HAND_FIRST, "right_hand": RIGHT_HAND_FIRST,
-                  "face": FACE_FIRST}
+# A part counts as detected in a frame when its first point is finite, because MediaPipe returns
+# all points of a part or none. Maps each part to that point's index in the 543-point frame.
+DETECTED_PARTS = {name: int(KAGGLE_TYPE_OFFSETS[KAGGLE_TYPES.index(name)])
+                  for name in ("pose", "left_hand", "right_hand", "face")}
 
 
 class VideoReadError(DataError):
@@ -74,16 +71,17 @@ class VideoReadError(DataError):
 
 @dataclass(frozen=True)
 class Settings:
-    """MediaPipe Holistic options; every field is part of each clip's fingerprint."""
+    """MediaPipe Holistic options. Every field is part of each clip's fingerprint."""
 
     mirror: bool = False
     model_complexity: int = 1
     min_detection_confidence: float = 0.5
     min_tracking_confidence: float = 0.5
 
-    def fingerprint(self, mediapipe_version: str) -> dict:
+    def fingerprint(self, mediapipe_version: str, opencv_version: str) -> dict:
+        """Return the settings, package versions and output version that a reusable output must match."""
         return {**asdict(self), "refine_face_landmarks": False, "mediapipe": mediapipe_version,
-                "output_version": OUTPUT_VERSION}
+                "opencv": opencv_version, "output_version": OUTPUT_VERSION}
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ class Summary:
 # ----------------------------------------------------------------------------- MediaPipe and OpenCV
 
 def import_video_packages():
-    """Import and return (cv2, mediapipe); raise DataError naming the `video` extra when one is missing."""
+    """Import and return (cv2, mediapipe), raising DataError that names the `video` extra if either is missing."""
     try:
         import cv2
         import mediapipe
@@ -150,7 +148,7 @@ def import_video_packages():
 def check_pose_model(mediapipe, model_complexity: int) -> None:
     """Raise DataError unless the pose model for `model_complexity` is inside the mediapipe package.
 
-    MediaPipe downloads a missing model from the internet when Holistic starts; isaret runs only
+    MediaPipe downloads a missing model from the internet when Holistic starts. isaret runs only
     from the models that the installed package contains.
     """
     if model_complexity not in POSE_MODEL_FILES:
@@ -182,7 +180,7 @@ def _landmarks_to_frame(result) -> np.ndarray:
     """Convert one Holistic result into a (543, 3) float32 frame, NaN for parts that were not found."""
     frame = np.full((KAGGLE_POINTS, 3), np.nan, dtype=np.float32)
     parts = (result.face_landmarks, result.left_hand_landmarks, result.pose_landmarks, result.right_hand_landmarks)
-    for name, landmarks, first, size in zip(KAGGLE_TYPES, parts, KAGGLE_TYPE_OFFSETS, KAGGLE_TYPE_SIZES):
+    for name, landmarks, first, size in zip(KAGGLE_TYPES, parts, KAGGLE_TYPE_OFFSETS, KAGGLE_TYPE_SIZES, strict=True):
         if landmarks is None:
             continue
         points = [(p.x, p.y, p.z) for p in landmarks.landmark]
@@ -199,7 +197,7 @@ def extract_clip(video_path: str | os.PathLike, mirror: bool = False, model_comp
 
     Returns float32 frames shaped (T, 543, 3) in the Kaggle ISLR point order (face, left_hand,
     pose, right_hand), x and y normalised to the image size, NaN where nothing was detected.
-    `mirror` flips each frame horizontally before MediaPipe sees it. `on_frame` is called after
+    `mirror` flips each frame horizontally before MediaPipe processes it. `on_frame` is called after
     each frame. Raises VideoReadError (a DataError) for a missing, empty, unreadable or
     frameless video, and DataError when the video extra is not installed.
     """
@@ -267,7 +265,7 @@ def frames_to_table(frames: np.ndarray) -> pa.Table:
 
 
 def _fsync_folder(folder: Path) -> None:
-    # Makes the rename durable on POSIX; Windows cannot open a folder for fsync.
+    # An fsync of the folder makes the rename durable on POSIX. Windows cannot open a folder for fsync.
     if os.name != "posix":
         return
     descriptor = os.open(folder, os.O_RDONLY)
@@ -470,7 +468,7 @@ def remove_stale_temporary_files(out_dir: Path) -> None:
 # ----------------------------------------------------------------------------- one clip
 
 def write_clip_outputs(clip: Clip, out_dir: Path, frames: np.ndarray, fingerprint: dict) -> ClipResult:
-    """Write a clip's parquet, then its sidecar; the sidecar marks the parquet as complete."""
+    """Write a clip's parquet, then its sidecar, which marks the parquet as complete."""
     parquet = out_dir / clip.output
     write_parquet(frames, parquet)
     detected = count_detected(frames)
@@ -482,7 +480,7 @@ def write_clip_outputs(clip: Clip, out_dir: Path, frames: np.ndarray, fingerprin
 
 def process_clip(clip: Clip, out_dir: Path, settings: Settings, fingerprint_settings: dict,
                  on_frame: Callable[[], None] | None = None) -> ClipResult:
-    """Extract one clip into its parquet and sidecar; a failure is returned, never raised."""
+    """Extract one clip into its parquet and sidecar, returning (not raising) any Exception as the clip's error."""
     try:
         # Taken before decoding, so that a video changed during extraction is extracted again next time.
         fingerprint = video_fingerprint(clip.video, fingerprint_settings)
@@ -569,13 +567,13 @@ def _future_result(future: concurrent.futures.Future, clip: Clip) -> ClipResult:
 
 def extract_videos(clips: list[Clip], out_dir: Path, settings: Settings, workers: int = 1) -> Summary:
     """Extract every clip not already current in `out_dir`, then write `out_dir/train.csv`."""
-    _, mediapipe = import_video_packages()
+    cv2, mediapipe = import_video_packages()
     check_pose_model(mediapipe, settings.model_complexity)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file; pass a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporary_files(out_dir)
-    fingerprint_settings = settings.fingerprint(mediapipe.__version__)
+    fingerprint_settings = settings.fingerprint(mediapipe.__version__, cv2.__version__)
     start = time.perf_counter()
     results: dict[str, ClipResult] = {}
     todo = []

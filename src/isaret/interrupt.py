@@ -1,4 +1,4 @@
-"""SIGINT and SIGTERM handling: the first signal asks training to stop after the current step.
+"""SIGINT and SIGTERM handling: the first signal requests a stop after the current step.
 
 A second SIGINT raises KeyboardInterrupt at once, for a user who does not want to wait.
 """
@@ -67,7 +67,7 @@ def stop_signals_blocked():
 def ignore_stop_signals_in_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn: leave SIGINT and SIGTERM to the training process.
 
-    A terminal's Ctrl+C reaches the whole process group; a worker that died of it would make
+    A terminal's Ctrl+C reaches the whole process group. A worker that died of it would make
     the next batch fail before the training process could save its checkpoint.
     """
     for number in STOP_SIGNALS:

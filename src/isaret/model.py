@@ -35,7 +35,8 @@ class TransformerSignLanguageClassifier(nn.Module):
 
     def __init__(self, feature_dim: int, num_classes: int, max_seq_len: int, cfg: ModelConfig):
         super().__init__()
-        self.embed = nn.Linear(feature_dim, cfg.d_model)
+        self.motion = cfg.motion_features
+        self.embed = nn.Linear(feature_dim * (2 if self.motion else 1), cfg.d_model)
         self.position = PositionalEncoding(cfg.d_model, max_seq_len)
         self.dropout = nn.Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(
@@ -52,11 +53,21 @@ class TransformerSignLanguageClassifier(nn.Module):
         """Return logits (B, classes) for frames x (B, T, F) where valid (B, T) marks real frames."""
         # Attention and pooling give invalid frames weight 0, but 0 * NaN is NaN, so zero them first.
         x = x.masked_fill(~valid.unsqueeze(-1), 0.0)
+        if self.motion:
+            x = torch.cat([x, frame_differences(x, valid)], dim=-1)  # (B, T, 2F)
         h = self.dropout(self.position(self.embed(x)))  # (B, T, D)
         h = self.encoder(h, src_key_padding_mask=~valid)  # (B, T, D)
         weights = valid.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
         pooled = (h * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, D)
         return self.head(self.dropout(self.norm(pooled)))  # (B, classes)
+
+
+def frame_differences(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Return x[t] - x[t-1] (B, T, F) where frames t and t-1 are both valid, else 0."""
+    previous = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # (B, T, F)
+    previous_valid = torch.cat([valid[:, :1], valid[:, :-1]], dim=1)  # (B, T)
+    both = (valid & previous_valid).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    return (x - previous) * both
 
 
 def build_model(feature_dim: int, num_classes: int, max_seq_len: int, cfg: ModelConfig) -> nn.Module:

@@ -5,7 +5,7 @@ The learning rate is a pure function of the optimizer step and the current confi
     lr(step) = lr * (r + (1 - r) * (1 + cos(pi * p)) / 2)                 after, with
     p = min(1, (step - warmup_steps) / (total_steps - warmup_steps)),  r = min_lr_ratio,
     total_steps = num_epochs * steps_per_epoch.
-After the last step the rate stays at lr * r, so training past the planned end never fails.
+After the last step the rate stays at lr * r, so steps past the planned end keep a valid rate.
 On resume the schedule is rebuilt from the current config at the stored step: a new `lr`
 scales the whole curve, and a new `num_epochs` stretches the cosine to end at the new last step.
 """
@@ -82,8 +82,8 @@ def restore_scheduler(optimizer: torch.optim.Optimizer, state: dict, cfg: TrainC
                       step: int) -> LambdaLR:
     """Rebuild the schedule from the current config at `step`, checking the stored one against it.
 
-    The stored state is not loaded with `load_state_dict`, which would silently bring back the old
-    LR and length; instead a differing stored plan is logged, so the new values apply on purpose.
+    The stored state is not loaded with `load_state_dict`, because that would silently bring back
+    the old LR and length. A differing stored plan is logged instead, so the new values apply on purpose.
     """
     stored_step = state.get("last_epoch")
     if stored_step is not None and stored_step != step:

@@ -99,7 +99,7 @@ def history_of(path: Path) -> tuple[list[dict], list[dict], Path]:
 
 
 def default_plot_dir(path: Path) -> Path:
-    """Redraw a folder's curves in place; put the curves of a single checkpoint file beside it."""
+    """Return where the curves go: a folder's own curves are redrawn in place, a checkpoint file's go beside it."""
     return path if path.is_dir() else path.parent / f"{path.stem}_curves"
 
 

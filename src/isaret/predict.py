@@ -22,7 +22,7 @@ import torch
 from isaret.checkpoint import load_checkpoint
 from isaret.config import Config
 from isaret.data.dataset import FeatureScaler
-from isaret.data.preprocess import Preprocessing, preprocess_clip
+from isaret.data.preprocess import Preprocessing, canonical_frame_shape, preprocess_clip
 from isaret.data.readers import read_kaggle_parquet, read_npy
 from isaret.errors import CheckpointError, ConfigError, DataError, IsaretError
 from isaret.model import build_model
@@ -55,7 +55,7 @@ def read_clip(path: str | Path) -> np.ndarray:
 
 
 def _extract_video(path: Path) -> np.ndarray:
-    """Run the landmark extractor on a video; it returns MediaPipe Holistic frames (T, 543, 3)."""
+    """Run the landmark extractor on a video, which returns MediaPipe Holistic frames (T, 543, 3)."""
     install_hint = "install the video extra: pip install 'isaret[video]'"
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -94,7 +94,7 @@ class Prediction:
 
 
 def resolve_device(name: str) -> torch.device:
-    """Map 'auto', 'cpu' or 'cuda' to a torch device; 'auto' picks CUDA when it is available."""
+    """Map 'auto', 'cpu' or 'cuda' to a torch device. 'auto' picks CUDA when it is available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -122,9 +122,9 @@ class Predictor:
         try:
             self.model.load_state_dict(state)
         except RuntimeError as error:
-            reason = str(error).splitlines()[0][:200]
-            raise CheckpointError(f"{source}: model weights do not match the stored model config ({reason})") \
-                from None
+            reason = " ".join(line.strip() for line in str(error).splitlines()[:2])[:300]
+            raise CheckpointError(f"{source}: the model weights do not fit the model that the stored config "
+                                  f"builds ({reason}); the checkpoint may come from another isaret version") from None
         self.model.to(self.device).eval()
 
     @classmethod
@@ -135,7 +135,15 @@ class Predictor:
 
     def prepare(self, frames: np.ndarray, name: str = "clip") -> tuple[np.ndarray, np.ndarray]:
         """Turn raw frames (T, ...) into model input: x (max_seq_len, F) float32 and valid (max_seq_len,) bool."""
-        clip, _ = preprocess_clip(np.asarray(frames), self.preprocessing, name=name)
+        frames = np.asarray(frames)
+        expected = self.preprocessing.frame_shape
+        if frames.ndim >= 2 and canonical_frame_shape(frames.shape[1:]) != expected:
+            raise DataError(
+                f"{name}: wrong landmark layout: frames shaped {tuple(frames.shape[1:])}, but the checkpoint was "
+                f"trained on {self.preprocessing.selection.layout.name} frames {expected}; pass clips recorded "
+                "with the same landmark layout as the training data"
+            )
+        clip, _ = preprocess_clip(frames, self.preprocessing, name=name)
         return self.prepare_preprocessed(clip)
 
     def prepare_preprocessed(self, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,15 +202,16 @@ class FileResult:
 
 def predict_files(predictor: Predictor, paths: list[str], top_k: int,
                   batch_size: int = DEFAULT_BATCH_SIZE) -> list[FileResult]:
-    """Predict each file; a file that cannot be read or preprocessed gets an error, and the others go on."""
+    """Predict each file. A file that cannot be read or preprocessed gets an error, and the rest still run."""
     results = [FileResult(path=path) for path in paths]
     prepared: list[tuple[int, np.ndarray, np.ndarray]] = []
     for index, path in enumerate(paths):
         try:
             x, valid = predictor.prepare(read_clip(path), name=path)
         except IsaretError as error:
-            results[index].error = str(error)
-            log.error("%s", error)
+            message = str(error) if path in str(error) else f"{path}: {error}"
+            results[index].error = message
+            log.error("%s", message)
             continue
         prepared.append((index, x, valid))
     for start in range(0, len(prepared), batch_size):

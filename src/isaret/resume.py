@@ -1,4 +1,4 @@
-"""What a resume may change: config comparison against a checkpoint, before any weights load."""
+"""Config comparison against a checkpoint: the changes a resume allows, checked before any weights load."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from isaret.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-# Fields that only say where and how to resume; their changes are neither blocking nor logged.
+# Fields that only select where and how to resume. Their changes are neither blocking nor logged.
 RESUME_FIELDS = ("auto_resume", "resume_checkpoint")
 # Fields that pick the data set, split or sample order: changing them breaks exactness but not the model.
 EXACTNESS_FIELDS = ("data_path", "data_format", "signer_csv", "split", "val_fraction", "seed", "bad_file_policy")

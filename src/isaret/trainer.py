@@ -1,7 +1,7 @@
 """The training loop: data, model and optimizer setup, epochs, validation, checkpoints and resume.
 
 The loop only calls `self.checkpointer.save(...)` and `Trainer.load_state_dict(...)`; what a
-checkpoint holds is `Trainer.state_dict()`. Everything random is either a pure function of
+checkpoint contains is `Trainer.state_dict()`. Everything random is either a pure function of
 (seed, epoch, sample) or a generator whose state the checkpoint stores, which makes a resumed
 run end with the same weights as an uninterrupted one.
 """
@@ -29,11 +29,11 @@ from isaret.config import Config, save_toml
 from isaret.data.cache import CachedData, load_or_build
 from isaret.data.dataset import Augmenter, EpochSampler, FeatureScaler, SignDataset, Split, batches_per_epoch, \
     make_split
-from isaret.data.preprocess import Preprocessing
 from isaret.data.readers import list_samples
-from isaret.distributed import DistContext, all_reduce_sum, any_rank, barrier, gather_objects, run_on_main
+from isaret.distributed import DistContext, all_reduce_sum, any_rank, barrier, broadcast_object, gather_objects, \
+    launch_command, run_on_main
 from isaret.errors import DataError, TrainingInterrupted
-from isaret.history import plot_history, write_history
+from isaret.history import plot_history, read_history, write_history
 from isaret.interrupt import EXIT_CODES, StopRequest, ignore_stop_signals_in_worker, stop_signals_blocked
 from isaret.metrics import accuracy, confusion_matrix, macro_f1
 from isaret.model import build_model
@@ -105,6 +105,8 @@ class Trainer:
         root = Path(cfg.data_path) if cfg.data_path else demo_data_path()
         samples = list_samples(root, cfg.data_format, cfg.signer_csv)
         # Rank 0 builds the cache; the others wait and then read the finished entry.
+        # NOTE: all ranks of a machine that does not share cache_dir with rank 0 build the entry at
+        # once. That repeats the work, but the rename in load_or_build keeps one complete copy.
         data = run_on_main(lambda: load_or_build(samples, cfg, show_progress=self.show_progress), self.ctx)
         if not self.ctx.is_main:
             data = load_or_build(samples, cfg, show_progress=False)
@@ -141,6 +143,10 @@ class Trainer:
         log.info("Data: %d classes, %d training and %d validation samples (%s split), %d features x %d frames",
                  len(self.classes), len(self.train_set), len(self.val_set), self.split.kind,
                  data.preprocessing.feature_dim, data.preprocessing.max_seq_len)
+        if self.ctx.enabled or cfg.train.accum_steps > 1:
+            log.info("Global batch: %d samples x %d process(es) x accum_steps %d = %d samples per optimizer "
+                     "step", cfg.train.batch_size, self.ctx.world_size, cfg.train.accum_steps,
+                     cfg.train.batch_size * self.ctx.world_size * cfg.train.accum_steps)
 
     def _batches(self, dataset: SignDataset, sampler: EpochSampler):
         """Return an iterator over the sampler's batches, with worker processes started safely."""
@@ -184,6 +190,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything a resume or a prediction needs, as tensors and primitives; call on every rank."""
         rng_states = gather_objects(capture_rng_state(), self.ctx)
+        running_sums = gather_objects([self.progress.loss_sum, self.progress.correct, self.progress.seen], self.ctx)
         progress = asdict(self.progress)
         if not self.cfg.checkpoint.save_history_in_checkpoint:
             progress["history"] = []
@@ -202,6 +209,7 @@ class Trainer:
             "scheduler_state_dict": self.scheduler.state_dict(),
             "grad_scaler_state_dict": self.grad_scaler.state_dict(),
             "rng_states": rng_states,
+            "running_sums": running_sums,  # every rank's [loss_sum, correct, seen] of the epoch in progress
             "world_size": self.ctx.world_size,
             "config": self.cfg.to_dict(),
             "label_map": list(self.classes),
@@ -216,8 +224,8 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         apply_hyperparameters(self.optimizer, self.cfg.train)
         stored = dict(checkpoint["progress"])
-        if not self.cfg.checkpoint.save_history_in_checkpoint or not stored["history"]:
-            stored["history"] = list(checkpoint.get("history") or [])
+        if not stored["history"] and stored["epoch"]:
+            stored["history"] = self._history_from_folder(path.parent, stored["epoch"])
         self.progress = Progress(**stored)
         self.scheduler = restore_scheduler(self.optimizer, checkpoint["scheduler_state_dict"], self.cfg.train,
                                            self.steps_per_epoch, self.progress.global_step)
@@ -234,21 +242,82 @@ class Trainer:
         p.resume_points.append({"epoch": p.epoch, "step": p.global_step, "batch_in_epoch": p.batch_in_epoch,
                                 "from": str(path), "time": time.time()})
 
+    def _history_from_folder(self, folder: Path, epoch: int) -> list[dict]:
+        """Read the rows up to `epoch` from history.json, for checkpoints saved without their history."""
+        try:
+            rows, _ = read_history(folder)
+        except (OSError, ValueError, KeyError) as error:
+            log.warning("  the checkpoint has no history (save_history_in_checkpoint=false) and %s could not "
+                        "be read (%s): the history restarts at epoch %d", folder / "history.json", error, epoch + 1)
+            return []
+        return [row for row in rows if row["epoch"] <= epoch]
+
     def _restore_position(self, checkpoint: dict) -> None:
         stored_world = int(checkpoint.get("world_size", 1))
         states = checkpoint["rng_states"]
-        if stored_world == self.ctx.world_size and len(states) == self.ctx.world_size:
+        same_world = stored_world == self.ctx.world_size and len(states) == self.ctx.world_size
+        self._restore_running_sums(checkpoint, same_world)
+        if same_world:
             restore_rng_state(states[self.ctx.rank])
             return
         log.warning("Checkpoint was written by %d process(es), this run has %d: model, optimizer, scheduler "
                     "and counters are restored, but data order and RNG streams differ from the uninterrupted run",
                     stored_world, self.ctx.world_size)
-        restore_rng_state(states[min(self.ctx.rank, len(states) - 1)])
-        if self.progress.batch_in_epoch:
-            old_batch = self.cfg.train.batch_size * stored_world
-            samples_done = self.progress.batch_in_epoch * old_batch
-            self.progress.batch_in_epoch = min(self.micro_batches,
-                                               samples_done // (self.cfg.train.batch_size * self.ctx.world_size))
+        # A rank without a stored state keeps the per-rank seed from _build_model, so that no two
+        # ranks draw the same dropout masks.
+        if self.ctx.rank < len(states):
+            restore_rng_state(states[self.ctx.rank])
+        stored_train = checkpoint["config"]["train"]
+        self._warn_global_batch(stored_train, stored_world)
+        self._map_position(stored_train, stored_world)
+
+    def _restore_running_sums(self, checkpoint: dict, same_world: bool) -> None:
+        """Give each rank its own running sums of the epoch. After a world-size change, rank 0 takes them all."""
+        sums = checkpoint.get("running_sums")
+        if not sums:
+            return  # a checkpoint without them keeps rank 0's sums from "progress" on every rank
+        if same_world:
+            loss_sum, correct, seen = sums[self.ctx.rank]
+        elif self.ctx.is_main:
+            loss_sum, correct, seen = (sum(column) for column in zip(*sums))
+        else:
+            loss_sum, correct, seen = 0.0, 0, 0
+        p = self.progress
+        p.loss_sum, p.correct, p.seen = float(loss_sum), int(correct), int(seen)
+
+    def _warn_global_batch(self, stored_train: dict, stored_world: int) -> None:
+        cfg = self.cfg.train
+        stored = stored_train["batch_size"] * stored_world * stored_train["accum_steps"]
+        per_pass = cfg.batch_size * self.ctx.world_size
+        current = per_pass * cfg.accum_steps
+        if stored == current:
+            return
+        hint = f"; --set accum_steps={stored // per_pass} keeps {stored}" if stored % per_pass == 0 else ""
+        log.warning("Global batch size changes from %d to %d samples per optimizer step (batch_size x processes x "
+                    "accum_steps)%s", stored, current, hint)
+
+    def _map_position(self, stored_train: dict, stored_world: int) -> None:
+        """Move the mid-epoch position and the step counter to this run's batches per epoch.
+
+        A mid-epoch resume starts at the first optimizer step whose samples were not all trained,
+        so some samples of the epoch may be trained twice, but none is skipped. The step counter
+        becomes that of an uninterrupted run with this layout, which keeps the LR schedule at the
+        same point of training.
+        """
+        p, cfg = self.progress, self.cfg.train
+        stored_micro = batches_per_epoch(len(self.train_set), stored_train["batch_size"], stored_world)
+        if p.batch_in_epoch >= stored_micro:
+            micro = self.micro_batches
+        else:
+            samples_done = p.batch_in_epoch * stored_train["batch_size"] * stored_world
+            micro = samples_done // (cfg.batch_size * self.ctx.world_size)
+            micro -= micro % cfg.accum_steps
+        step = p.epoch * self.steps_per_epoch + math.ceil(micro / cfg.accum_steps)
+        if (micro, step) != (p.batch_in_epoch, p.global_step):
+            log.info("  position moved to this run's %d batches per epoch: batch %d -> %d, optimizer step %d -> %d",
+                     self.micro_batches, p.batch_in_epoch, micro, p.global_step, step)
+        p.batch_in_epoch, p.global_step = micro, step
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, step)
 
     # ------------------------------------------------------------------ loop
 
@@ -347,7 +416,7 @@ class Trainer:
             if stop:
                 self._write_reports()
                 name = self.stop.signal_name or "SIGTERM"
-                command = resume_command(path)
+                command = resume_command(path, self.ctx)
                 raise TrainingInterrupted(
                     name, EXIT_CODES.get(name, 143),
                     f"training stopped by {name} at epoch {epoch}, step {self.progress.global_step}; "
@@ -433,7 +502,9 @@ class Trainer:
             log.warning("Could not draw the training curves in %s: %s", self.folder, error)
 
 
-def resume_command(path: Path) -> str:
+def resume_command(path: Path, ctx: DistContext) -> str:
+    if ctx.enabled:
+        return f"{launch_command(ctx)} --resume {path}"
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     prefix = "python train.py" if program == "train.py" else "isaret train"
     return f"{prefix} --resume {path}"
@@ -460,7 +531,10 @@ def resolve_config(overrides: list[tuple[str, object, str]], resume: ResumeReque
         resume.path = Path(draft.checkpoint.resume_checkpoint)
     resume.auto = resume.auto or draft.checkpoint.auto_resume
     checkpointer = Checkpointer(Path(draft.checkpoint.checkpoint_dir), draft.checkpoint.keep_last_k, ctx)
-    found = checkpointer.load(resume.path, resume.from_best, resume.auto)
+    # Rank 0 picks and loads the checkpoint and sends it to the other ranks. So all ranks resume from
+    # the same file, and the other machines of a multi-node run need no copy of checkpoint_dir.
+    found = run_on_main(lambda: checkpointer.load(resume.path, resume.from_best, resume.auto), ctx)
+    found = broadcast_object(found, ctx)
     if found is None:
         cfg = draft
         path, payload = None, None
@@ -485,13 +559,15 @@ def resolve_config(overrides: list[tuple[str, object, str]], resume: ResumeReque
 def run_training(cfg: Config, checkpoint_path: Path | None, checkpoint: dict | None, ctx: DistContext,
                  show_progress: bool = True) -> Progress:
     """Train to the end (or to early stopping) and return the final counters and history."""
-    if ctx.is_main:
+
+    def prepare_folder() -> None:
         folder = Path(cfg.checkpoint.checkpoint_dir)
         folder.mkdir(parents=True, exist_ok=True)
         for stale in remove_stale_temp_files(folder):
             log.info("Removed %s, a temp file of a save that did not finish", stale)
         save_toml(cfg, folder / "config.toml")
-    barrier(ctx)
+
+    run_on_main(prepare_folder, ctx)
     trainer = Trainer(cfg, ctx, show_progress=show_progress)
     trainer.setup(checkpoint, checkpoint_path)
     progress = trainer.fit()

@@ -97,13 +97,15 @@ def preprocess_clip(frames: np.ndarray, prep: Preprocessing, name: str = "clip")
         features = frames[:, selection.points]
     if not np.isfinite(features).any():
         raise DataError(f"{name}: all frames are NaN for the selected landmarks ({', '.join(selection.groups)})")
+
     kept = features[frame_indices(len(features), prep.max_seq_len, prep.seq_policy)]
     # Resampling or truncation can drop every frame that has a value, and a clip without one
     # valid frame gives NaN logits.
     if not np.isfinite(kept).any():
         raise DataError(
-            f"{name}: all {len(kept)} frames kept by seq_policy={prep.seq_policy} (max_seq_len={prep.max_seq_len}) "
-            f"are NaN for the selected landmarks ({', '.join(selection.groups)})"
+            f"{name}: all {len(kept)} frames kept by seq_policy={prep.seq_policy} "
+            f"(max_seq_len={prep.max_seq_len}) are NaN for the selected landmarks "
+            f"({', '.join(selection.groups)}); a larger max_seq_len keeps more frames"
         )
     out = np.full((prep.max_seq_len, features.shape[1]), np.nan, dtype=np.float32)
     out[: len(kept)] = kept
