@@ -398,10 +398,10 @@ def test_epoch_sampler_steps_match_across_world_sizes():
         return [{key[0] for rank in per_rank for batch in rank[step * accum:(step + 1) * accum] for key in batch}
                 for step in range(steps)]
 
-    one = step_samples(1)
-    assert len(one) == size // global_batch
-    assert step_samples(2) == one
-    assert step_samples(4) == one
+    single_process = step_samples(1)
+    assert len(single_process) == size // global_batch
+    assert step_samples(2) == single_process
+    assert step_samples(4) == single_process
 
 
 def test_validation_shards_disjoint_without_padding():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import signal
 import subprocess
@@ -28,7 +29,8 @@ from isaret.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPS_DIR = REPO.parent / "shared" / "data" / "sign-clips"
-# sign -> clip file; sorted by sign, the shortest clip (afied4, 37 frames) is extracted first.
+# sign -> clip file; sorted by sign, the shortest clip (afied4, 37 frames) is extracted first,
+# and the last one (akilli, 51 frames) is queued behind the first two.
 TEST_CLIPS = {"afiyet_olsun": "afied4.webm", "agac": "agac.webm", "akilli": "akilli.webm"}
 MAIN = "import sys; from isaret.extract import main; sys.exit(main(sys.argv[1:]))"
 POSE = 489  # first pose point in the 543-point layout
@@ -162,33 +164,58 @@ def test_extract_clip_unshipped_model_rejected(video):
 
 def test_run_killed_then_resumed_identical(sign_folder, reference, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-c", MAIN, str(sign_folder), "--out", str(out), "--workers", "1"]
-    first_parquet = out / "landmarks" / "afiyet_olsun" / "afied4.parquet"
-    first_sidecar = first_parquet.with_name("afied4.extract.json")
-    last_parquet = out / "landmarks" / "akilli" / "akilli.parquet"
+    command = [sys.executable, "-c", MAIN, str(sign_folder), "--out", str(out)]
 
+    # Kill only the main process (as `kill -9 PID` does) when the first clip is done. Its two
+    # worker processes must then stop too, leaving the last clip unfinished.
     with open(tmp_path / "killed.log", "wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=_subprocess_env())
+        process = subprocess.Popen([*command, "--workers", "2"], stdout=log_file, stderr=subprocess.STDOUT,
+                                   env=_subprocess_env())
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-        while not first_sidecar.exists() and process.poll() is None and time.monotonic() < deadline:
+        while not list(out.rglob("*.extract.json")) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert first_sidecar.exists(), (tmp_path / "killed.log").read_text(errors="replace")
+    time.sleep(3)  # workers check for their parent every 0.5 s
+    finished = sorted(out.rglob("*.extract.json"))
+    time.sleep(2)
     assert process.returncode == -signal.SIGKILL
-    assert not last_parquet.exists(), "the run finished before it was killed"
-    before = first_parquet.stat()
+    assert finished, (tmp_path / "killed.log").read_text(errors="replace")
+    assert sorted(out.rglob("*.extract.json")) == finished, "worker processes went on after the kill"
+    assert len(finished) < len(TEST_CLIPS), "the run finished before it was killed"
+    parquets = [sidecar.with_name(sidecar.name.replace(".extract.json", ".parquet")) for sidecar in finished]
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in parquets]
 
-    resumed = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(),
+    resumed = subprocess.run([*command, "--workers", "1"], capture_output=True, text=True, env=_subprocess_env(),
                              timeout=SUBPROCESS_TIMEOUT_S)
+
     assert resumed.returncode == 0, resumed.stderr
-    assert "1 already done" in resumed.stdout
-    after = first_parquet.stat()
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert f"{len(finished)} already done" in resumed.stdout
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in parquets] == before
     assert _files(out) == _files(reference)
 
 
-def test_run_bad_files_reported(video, tmp_path, capsys, caplog):
+class _RecordList(logging.Handler):
+    """Keeps the records of one logger, whether or not the CLI's logging setup stops propagation."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def extract_log():
+    handler = _RecordList()
+    logger = logging.getLogger("isaret.extract")
+    logger.addHandler(handler)
+    yield handler.records
+    logger.removeHandler(handler)
+
+
+def test_run_bad_files_reported(video, tmp_path, capsys, extract_log):
     folder = tmp_path / "clips"
     folder.mkdir()
     (folder / "afied4.webm").symlink_to(CLIPS_DIR / "afied4.webm")
@@ -207,7 +234,10 @@ def test_run_bad_files_reported(video, tmp_path, capsys, caplog):
     assert f"{folder / 'empty.mp4'}: empty file (0 bytes)" in printed
     assert f"{folder / 'header_only.webm'}: no frames could be decoded" in printed
     assert "4 clip(s) labelled by file name" in printed
-    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 3
+    errors = [record.getMessage() for record in extract_log if record.levelno == logging.ERROR]
+    assert len(errors) == 3
+    for name in ("corrupt.webm", "empty.mp4", "header_only.webm"):
+        assert any(str(folder / name) in message for message in errors), name
     samples = list_kaggle_islr(out)
     assert [(s.sample_id, s.label) for s in samples] == [("landmarks/afied4/afied4.parquet", "afied4")]
     assert sorted(p.name for p in out.rglob("*.parquet")) == ["afied4.parquet"]
@@ -222,7 +252,8 @@ def test_import_video_packages_missing_extra(monkeypatch):
 
 
 def test_collect_clips_folder_labels(tmp_path):
-    for relative in ("hello/a.mp4", "hello/b.MOV", "bye/take1/c.webm", "flat.avi", "notes.txt", "bye/d.mkv"):
+    for relative in ("hello/a.mp4", "hello/b.MOV", "bye/take1/c.webm", "flat.avi", "notes.txt", "bye/d.mkv",
+                     "hello/._a.mp4", ".trash/e.mp4"):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(b"")
 

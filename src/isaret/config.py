@@ -7,6 +7,7 @@ Field names are lower case and unique across the four sections, so `--set d_mode
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -198,7 +199,7 @@ def _find_field(name: str, source: str) -> tuple[str, dataclasses.Field]:
             )
     fields = _all_fields()
     if key not in fields or (section_name is not None and fields[key][0] != section_name):
-        close = [f for f in fields if key in f or f in key]
+        close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; run 'isaret train --help' for the list"
         raise ConfigError(f"{source}: unknown config field '{name}'{hint}")
     return fields[key]

@@ -28,6 +28,7 @@ import os
 import queue
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -314,12 +315,18 @@ def _output_for(sign: str, video: Path) -> str:
 
 
 def _videos_in_folder(root: Path) -> list[tuple[Path, str, str]]:
-    """List (video, sign, label source) in a folder: `<root>/<sign>/.../<clip>` or `<root>/<clip>`."""
+    """List (video, sign, label source) in a folder: `<root>/<sign>/.../<clip>` or `<root>/<clip>`.
+
+    Hidden files and folders (names starting with '.') are skipped, such as the `._clip.mp4`
+    metadata files that macOS writes on some drives.
+    """
     found = []
     for path in sorted(root.rglob("*")):
+        parts = path.relative_to(root).parts
+        if any(part.startswith(".") for part in parts):
+            continue
         if path.suffix.lower() not in VIDEO_EXTENSIONS or not path.is_file():
             continue
-        parts = path.relative_to(root).parts
         if len(parts) == 1:
             found.append((path, path.stem, "file name"))
         else:
@@ -495,11 +502,21 @@ def process_clip(clip: Clip, out_dir: Path, settings: Settings, fingerprint_sett
 
 
 _progress_queue = None  # set in each worker process by _init_worker
+PARENT_CHECK_INTERVAL_S = 0.5
 
 
-def _init_worker(progress_queue) -> None:
+def _exit_when_parent_dies(parent_pid: int) -> None:
+    # A worker whose parent was killed would otherwise keep extracting queued clips and then wait
+    # for work forever. Killing it mid-clip is safe, because its outputs are written atomically.
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_INTERVAL_S)
+    os._exit(1)
+
+
+def _init_worker(progress_queue, parent_pid: int) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    threading.Thread(target=_exit_when_parent_dies, args=(parent_pid,), daemon=True).start()
 
 
 def _process_clip_in_worker(clip: Clip, out_dir: Path, settings: Settings, fingerprint_settings: dict) -> ClipResult:
@@ -538,8 +555,9 @@ def _run_in_workers(todo: list[Clip], out_dir: Path, settings: Settings, fingerp
     # spawn, not fork: forking a process that has loaded MediaPipe's threads can deadlock.
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                                initializer=_init_worker, initargs=(progress_queue,)) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                                  initargs=(progress_queue, os.getpid()))
+    with pool:
         futures = {pool.submit(_process_clip_in_worker, clip, out_dir, settings, fingerprint_settings): clip
                    for clip in todo}
         pending = set(futures)
