@@ -243,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("error: aborted by a second Ctrl+C; no checkpoint was saved for the current step", file=sys.stderr)
+        if args.command == "train":
+            print("error: aborted by a second Ctrl+C; no checkpoint was saved for the current step", file=sys.stderr)
+        else:
+            print(f"error: {args.command} aborted by Ctrl+C", file=sys.stderr)
         return 130
 
 
