@@ -522,7 +522,7 @@ def resolve_config(overrides: list[tuple[str, object, str]], resume: ResumeReque
     """Build the run's config and load the checkpoint to resume from, if any.
 
     A resumed run starts from the checkpoint's config, and only the fields given on the command
-    line or in --config change it; a fresh run starts from the defaults.
+    line or in --config change it. A fresh run starts from the defaults.
     """
     draft = Config()
     for name, value, source in overrides:

@@ -1,7 +1,7 @@
 """On-disk cache of preprocessed samples, read through memory mapping.
 
 An entry is a folder named by a fingerprint of the input files (path, size, modification time,
-label, signer) and of the preprocessing settings. It holds `features.npy`, shaped
+label, signer) and of the preprocessing settings. It contains `features.npy`, shaped
 (samples, max_seq_len, features) with NaN for missing values and padding, and `meta.json`.
 It is written into a temporary folder and renamed into place, so a killed run leaves no entry
 that a later run trusts. A changed file or setting gives a new fingerprint, so a stale entry is

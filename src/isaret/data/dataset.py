@@ -1,8 +1,8 @@
 """Split, feature scaler, augmentation, torch Dataset and the epoch sampler.
 
-Every random choice here is a pure function of the seed, the epoch and the sample index, so a
-resumed run sees exactly the batches and augmentations of an uninterrupted one, with or without
-DataLoader workers and with any number of processes.
+Every random choice here is a pure function of the seed, the epoch and the sample index. So a
+resumed run gets exactly the batches and augmentations of an uninterrupted one, with or without
+DataLoader workers, as long as the number of processes stays the same.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def _holistic_layout(coords: int) -> Layout:
     for i in range(HAND_POINTS):
         mirror[left + i], mirror[right + i] = right + i, left + i
     # NOTE: face points outside the lips keep their index under a flip, because no mirror
-    # table of the full face mesh is included; only the lips, pose and hands are mirrored.
+    # table of the full face mesh is included. Only the lips, pose and hands are mirrored.
     groups = {
         "face": tuple(range(face, face + 468)),
         "lips": tuple(face + i for i in lips),

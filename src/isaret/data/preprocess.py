@@ -2,8 +2,8 @@
 
 A clip of frames (T, ...) becomes a (max_seq_len, features) float32 array: normalised on the
 body reference, reduced to the selected landmarks and coordinates, resampled or truncated to
-max_seq_len frames and padded with NaN. NaN stays wherever a landmark is missing; it becomes
-0 only after the feature scaler (see `dataset.FeatureScaler`), and a frame without any finite
+max_seq_len frames and padded with NaN. NaN stays wherever a landmark is missing and becomes
+0 only after the feature scaler (see `dataset.FeatureScaler`). A frame without any finite
 value is masked out of attention like padding.
 """
 
