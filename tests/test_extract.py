@@ -386,3 +386,43 @@ def test_main_without_inputs_fails(tmp_path, capsys):
     assert status == 1
     assert "error: no inputs" in capsys.readouterr().err
 
+
+
+def test_extracted_folder_trains_and_predicts(reference, sign_folder, tmp_path, capsys):
+    """`isaret train` reads the extracted folder, and `isaret predict` takes a video end to end."""
+    import json
+    import shutil
+
+    from isaret.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(reference, data)
+    with (data / "train.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    # Each sign needs two clips for a stratified split: add a copy of every extracted clip.
+    for row in list(rows):
+        copy = row["path"].replace(".parquet", "_copy.parquet")
+        shutil.copyfile(data / row["path"], data / copy)
+        rows.append({**row, "path": copy, "sequence_id": row["sequence_id"] + "0"})
+    with (data / "train.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    run = tmp_path / "run"
+    status = main(["train", "--data", str(data), "--format", "kaggle-islr", "--checkpoint-dir", str(run),
+                   "--epochs", "1", "--no-progress", "--set", "split=stratified", "--set", "val_fraction=0.5",
+                   "--set", "d_model=32", "--set", "num_layers=1", "--set", "dim_feedforward=64",
+                   "--set", f"cache_dir={tmp_path / 'cache'}"])
+    assert status == 0
+    assert (run / "last_model.pth").is_file()
+    capsys.readouterr()
+
+    clip = sign_folder / "afiyet_olsun" / TEST_CLIPS["afiyet_olsun"]
+    status = main(["predict", str(run / "last_model.pth"), str(clip), "--json", "--top-k", "3"])
+    output = json.loads(capsys.readouterr().out)
+    result = output["results"][0]
+    assert status == 0
+    assert result["file"] == str(clip)
+    assert len(result["predictions"]) == 3
+    assert {item["label"] for item in result["predictions"]} == set(TEST_CLIPS)
+    assert abs(sum(item["probability"] for item in result["predictions"]) - 1.0) < 1e-5
