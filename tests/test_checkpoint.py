@@ -277,8 +277,8 @@ def test_code_carrying_torch_file_rejected(tmp_path):
         load_checkpoint(path)
     assert not marker.exists()
     assert str(path) in str(error.value)
-    assert "pickled Python objects" in str(error.value)
-    assert "none of its code was run" in str(error.value)
+    assert "pickled Python code or objects" in str(error.value)
+    assert "none of it ran" in str(error.value)
 
 
 def test_code_carrying_plain_pickle_rejected(tmp_path):

@@ -238,7 +238,7 @@ def test_checkpoint_folder_written_by_rank0_only(baseline):
 
 def test_checkpoint_folder_listing_complete(baseline, cache):
     names = sorted(path.name for path in (baseline / "run").iterdir())
-    assert names == ["accuracy.png", "best_model.pth", "config.toml", "epoch_001.pth", "epoch_002.pth",
+    assert names == [".lock", "accuracy.png", "best_model.pth", "config.toml", "epoch_001.pth", "epoch_002.pth",
                      "epoch_003.pth", "f1.png", "history.csv", "history.json", "last_model.pth", "loss.png",
                      "lr.png", "train.log"]
     cache_entries = [path.name for path in cache.iterdir()]

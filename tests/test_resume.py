@@ -314,7 +314,7 @@ def test_resume_damaged_checkpoint_reported(baseline, tmp_path, capsys, damage):
     assert str(last) in message
     assert not marker.exists()
     reasons = {"truncated": "corrupt", "bitflip": "corrupt", "empty": "empty", "foreign": "not an isaret checkpoint",
-               "code": "pickled Python objects"}
+               "code": "pickled Python code or objects"}
     assert reasons[damage] in message
 
 
@@ -331,7 +331,7 @@ def test_auto_resume_falls_back(baseline, tmp_path, capsys, damage):
     assert code == 0
     assert not (tmp_path / "code-ran").exists()
     assert f"Skipping checkpoint: invalid checkpoint {folder / 'last_model.pth'}" in message or \
-        f"cannot load {folder / 'last_model.pth'}" in message
+        f"refused to load {folder / 'last_model.pth'}" in message
     assert "Falling back to the newest valid checkpoint" in message
 
 
@@ -394,3 +394,52 @@ def test_resume_history_outside_checkpoint(baseline, cache, tmp_path):
     rows = json.loads((folder / "history.json").read_text())["epochs"]
     expected = json.loads((baseline / "history.json").read_text())["epochs"]
     assert without_timings(rows) == without_timings(expected)
+
+
+def test_resume_into_other_run_refused(baseline, cache, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(baseline, other)
+    code = main(["train", "--resume", str(baseline / "epoch_002.pth"), "--checkpoint-dir", str(other),
+                 "--no-progress"])
+    message = capsys.readouterr().err
+    assert code == 1
+    assert f"--checkpoint-dir {other} already contains another run" in message
+    assert load_checkpoint(other / "last_model.pth")["epoch"] == EPOCHS
+
+
+def test_auto_resume_ignores_file_times(baseline, tmp_path, capsys):
+    folder = tmp_path / "copy"
+    shutil.copytree(baseline, folder)
+    os.utime(folder / "best_model.pth")
+    os.utime(folder / "epoch_002.pth")
+    code = main(["train", "--auto-resume", "--checkpoint-dir", str(folder), "--no-progress"])
+    message = capsys.readouterr().err
+    assert code == 0
+    assert "Nothing to train: the run ended at epoch 4 of 4" in message
+    assert f"Loading checkpoint from {folder / 'best_model.pth'}" not in message
+    assert f"Loading checkpoint from {folder / 'epoch_002.pth'}" not in message
+
+
+def test_resume_earlier_sets_later_aside(baseline, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(baseline, folder, ignore=shutil.ignore_patterns("best_model.pth"))
+    result = run_cli("--resume", str(folder / "epoch_002.pth"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    moved = sorted(p.name for p in folder.glob("superseded-*/*.pth"))
+    assert moved == ["epoch_003.pth", "epoch_004.pth", "last_model.pth"]
+    assert "moved 3 later checkpoint(s) of the abandoned continuation" in result.stderr
+    assert_same_run(final_state(folder), final_state(baseline))
+
+
+def test_second_run_same_folder_refused(tmp_path, capsys):
+    from isaret.checkpoint import FolderLock
+
+    folder = tmp_path / "run"
+    lock = FolderLock.acquire(folder)
+    try:
+        code = main(["train", "--checkpoint-dir", str(folder), "--no-progress"])
+    finally:
+        lock.release()
+    message = capsys.readouterr().err
+    assert code == 1
+    assert f"another isaret run (process {os.getpid()}) is writing to {folder}" in message

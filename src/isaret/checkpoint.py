@@ -16,6 +16,7 @@ import pickle
 import random
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,13 @@ def save_atomic(payload: dict, path: Path, sync_folder: bool = True) -> None:
         os.replace(temp_name, path)
     except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise CheckpointError(f"failed to write checkpoint {path}: {error}") from error
+        # torch.save reports a failed write (a full disk, say) as RuntimeError from its zip writer.
+        if isinstance(error, (OSError, RuntimeError)):
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise CheckpointError(
+                f"failed to write checkpoint {path}: {reason}; the checkpoints written before are intact. "
+                "Free disk space or choose another --checkpoint-dir, then resume with --auto-resume"
+            ) from None
         raise
     if sync_folder:
         _fsync_folder(path.parent)
@@ -155,16 +161,22 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+# Phrases of torch's weights_only unpickler (torch 2.6 to 2.13) for a pickle that names a
+# global outside its allowlist, which is what a file carrying code looks like.
+_CODE_PATTERNS = re.compile(r"(Unsupported global[^\n]*|unsupported GLOBAL[^\n]*|Unsupported class[^\n]*)")
+
+
 def _unpickling_error(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
     """Tell a file that carries pickled objects (a global outside the allowlist) from a corrupt one."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = _CODE_PATTERNS.search(text)
+    if found:
+        return CheckpointError(
+            f"refused to load {path}: it contains pickled Python code or objects ({found.group(1).strip()[:160]}); "
+            "weights_only loading rejected it and none of it ran. Load only checkpoints written by isaret"
+        )
     detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
     first = detail[0].strip() if detail else ""
-    if first.startswith("Unsupported global"):
-        return CheckpointError(
-            f"cannot load {path}: it contains pickled Python objects, which weights_only loading rejects, "
-            f"so none of its code was run ({first[:200]}); load only checkpoints written by isaret"
-        )
     return CheckpointError(f"invalid checkpoint {path}: corrupt file (unpickling failed: {first[:200]})")
 
 
@@ -177,21 +189,30 @@ def checkpoint_candidates(folder: Path) -> list[Path]:
     return sorted(paths, key=lambda p: (-p.stat().st_mtime_ns, rank.get(p.name, 1), p.name))
 
 
-def find_resumable(folder: Path) -> tuple[Path, dict] | None:
-    """Return the newest checkpoint in `folder` that loads and verifies, or None if there is none.
+def training_position(payload: dict) -> tuple[int, int, int]:
+    """Return (global step, epoch, batches into the next epoch): the order of training progress."""
+    return int(payload.get("global_step", 0)), int(payload.get("epoch", 0)), int(payload.get("batch_in_epoch", 0))
 
-    Invalid files are skipped with a warning that names each one; if files exist but none is
-    valid, CheckpointError is raised instead of starting fresh.
+
+def find_resumable(folder: Path) -> tuple[Path, dict] | None:
+    """Return the most advanced checkpoint in `folder` that loads and verifies, or None if there is none.
+
+    Checkpoints are ordered by their stored training position, not by file time, so a copied
+    folder resumes from the same file. Invalid files are skipped with a warning that names each
+    one. If files exist but none is valid, CheckpointError is raised instead of starting fresh.
     """
     candidates = checkpoint_candidates(folder)
-    failures = []
-    for path in candidates:
+    failures, valid = [], []
+    for order, path in enumerate(candidates):
         try:
             payload = load_checkpoint(path)
         except CheckpointError as error:
             log.warning("Skipping checkpoint: %s", error)
             failures.append(str(error))
             continue
+        valid.append((training_position(payload), -order, path, payload))
+    if valid:
+        _, _, path, payload = max(valid, key=lambda item: (item[0], item[1]))
         if failures:
             log.warning("Falling back to the newest valid checkpoint: %s", path)
         return path, payload
@@ -201,6 +222,31 @@ def find_resumable(folder: Path) -> tuple[Path, dict] | None:
             + "\nmove the invalid files away to start fresh there, or use another --checkpoint-dir"
         )
     return None
+
+
+def set_aside_later_checkpoints(folder: Path, position: tuple[int, int, int]) -> list[Path]:
+    """Move checkpoints beyond `position` into a `superseded-<time>` subfolder, deleting nothing.
+
+    A run resumed from an earlier checkpoint starts a new continuation; files of the abandoned
+    one would otherwise mix with it, and --auto-resume could pick them up later.
+    """
+    later = []
+    for path in checkpoint_candidates(folder):
+        try:
+            if training_position(load_checkpoint(path)) > position:
+                later.append(path)
+        except CheckpointError:
+            continue
+    if not later:
+        return []
+    target = folder / time.strftime("superseded-%Y%m%d-%H%M%S")
+    target.mkdir(exist_ok=True)
+    moved = []
+    for path in later:
+        os.replace(path, target / path.name)
+        moved.append(target / path.name)
+    _fsync_folder(folder)
+    return moved
 
 
 # ----------------------------------------------------------------------------- rotation
@@ -246,6 +292,51 @@ def restore_rng_state(state: dict) -> None:
         count = min(len(cuda_states), torch.cuda.device_count())
         for device in range(count):
             torch.cuda.set_rng_state(cuda_states[device], device)
+
+
+# ----------------------------------------------------------------------------- folder lock
+
+class FolderLock:
+    """An exclusive lock on a checkpoint folder (`.lock`), so two runs never write into one folder.
+
+    The lock is an fcntl.flock on an open file, so the kernel releases it when the process
+    ends, also after SIGKILL; a leftover `.lock` file never blocks a later run.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    @classmethod
+    def acquire(cls, folder: Path) -> FolderLock:
+        import fcntl
+
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / cls.NAME, "a+", encoding="utf-8")
+        except OSError as error:
+            raise CheckpointError(f"cannot use checkpoint folder {folder}: {error.strerror or error}; "
+                                  "choose another --checkpoint-dir") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise CheckpointError(
+                f"another isaret run (process {owner}) is writing to {folder}; wait for it to finish, stop it, "
+                "or choose another --checkpoint-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return cls(handle)
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
 
 
 # ----------------------------------------------------------------------------- checkpointer
@@ -319,10 +410,11 @@ class Checkpointer:
             if found is None:
                 log.info("No checkpoint in %s: starting a fresh run", self.folder)
             return found
-        if self.existing():
+        existing = self.existing()
+        if existing:
+            resume_hint = f"--resume {self.folder / LAST} or " if (self.folder / LAST).exists() else ""
             raise CheckpointError(
-                f"{self.folder} already contains a run ({', '.join(p.name for p in self.existing()[:3])}); "
-                f"continue it with --resume {self.folder / LAST} or --auto-resume, or choose another "
-                "--checkpoint-dir"
+                f"{self.folder} already contains a run ({', '.join(p.name for p in existing[:3])}); "
+                f"continue it with {resume_hint}--auto-resume, or choose another --checkpoint-dir"
             )
         return None

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from isaret import __version__
 from isaret.config import Config, describe_field, field_names, load_toml, parse_assignment
-from isaret.errors import ConfigError, IsaretError, TrainingInterrupted
+from isaret.errors import CheckpointError, ConfigError, IsaretError, TrainingInterrupted
 
 log = logging.getLogger("isaret")
 
@@ -49,8 +49,12 @@ def setup_logging(verbose: bool, rank: int = 0) -> None:
 
 def add_log_file(folder: Path) -> logging.Handler:
     """Append this run's log to train.log in the checkpoint folder; the caller removes the handler."""
-    folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(folder / "train.log", encoding="utf-8")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(folder / "train.log", encoding="utf-8")
+    except OSError as error:
+        raise CheckpointError(f"cannot use checkpoint folder {folder}: {error.strerror or error}; "
+                              "choose another --checkpoint-dir") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("isaret").addHandler(handler)
     return handler
@@ -104,7 +108,7 @@ def collect_overrides(args: argparse.Namespace) -> list[tuple[str, object, str]]
     overrides: list[tuple[str, object, str]] = []
     if args.config:
         file_config = load_toml(args.config)
-        explicit = _explicit_toml_fields(Path(args.config))
+        explicit = explicit_toml_fields(Path(args.config))
         flat = file_config.flat()
         overrides += [(name, flat[name], args.config) for name in explicit]
     for flag, name in FLAG_FIELDS.items():
@@ -121,7 +125,7 @@ def collect_overrides(args: argparse.Namespace) -> list[tuple[str, object, str]]
     return overrides
 
 
-def _explicit_toml_fields(path: Path) -> list[str]:
+def explicit_toml_fields(path: Path) -> list[str]:
     """Field names written in a TOML file (so that its unset fields do not override a checkpoint)."""
     import tomllib
 
@@ -244,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         if args.command == "train":
-            print("error: aborted by a second Ctrl+C; no checkpoint was saved for the current step", file=sys.stderr)
+            print("error: interrupted by Ctrl+C outside a training step, or by a second Ctrl+C; no checkpoint "
+                  "was saved for work in progress", file=sys.stderr)
         else:
             print(f"error: {args.command} aborted by Ctrl+C", file=sys.stderr)
         return 130

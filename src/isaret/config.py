@@ -274,6 +274,12 @@ def load_toml(path: str | Path) -> Config:
             values = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"--config: file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config: {path} is a folder; pass a TOML file") from None
+    except OSError as error:
+        raise ConfigError(f"--config: cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path} is not UTF-8 text; save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"--config: invalid TOML in {path}: {error}") from None
     config = Config.from_dict(values, source=str(path))

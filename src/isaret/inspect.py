@@ -5,8 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from isaret.checkpoint import load_checkpoint
-from isaret.config import load_toml
+from isaret.config import Config, load_toml
 from isaret.resume import config_changes
+
+
+def _resumed_config(stored: dict, config_path: Path) -> Config:
+    """Return the config a resume with `--config config_path` would use: the stored one plus the file's fields."""
+    from isaret.cli import explicit_toml_fields
+
+    file_values = load_toml(config_path).flat()
+    config = Config.from_dict(stored, source="checkpoint config")
+    for name in explicit_toml_fields(config_path):
+        config.set(name, file_values[name.split(".")[-1]], str(config_path))
+    return config
 
 
 def describe_checkpoint(path: Path, config_path: Path | None = None) -> str:
@@ -40,7 +51,7 @@ def describe_checkpoint(path: Path, config_path: Path | None = None) -> str:
         lines += [f"    {name} = {value!r}" for name, value in values.items()]
     if config_path is not None:
         lines.append(f"differences from {config_path}:")
-        changes = config_changes(payload["config"], load_toml(config_path))
+        changes = config_changes(payload["config"], _resumed_config(payload["config"], config_path))
         if not changes:
             lines.append("  none")
         for change in changes:

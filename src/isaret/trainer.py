@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -24,7 +25,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from isaret import __version__
-from isaret.checkpoint import BEST, Checkpointer, capture_rng_state, remove_stale_temp_files, restore_rng_state
+from isaret.checkpoint import BEST, Checkpointer, FolderLock, capture_rng_state, checkpoint_candidates, \
+    remove_stale_temp_files, restore_rng_state, set_aside_later_checkpoints, training_position
 from isaret.config import Config, save_toml
 from isaret.data.cache import CachedData, load_or_build
 from isaret.data.dataset import Augmenter, EpochSampler, FeatureScaler, SignDataset, Split, batches_per_epoch, \
@@ -32,7 +34,7 @@ from isaret.data.dataset import Augmenter, EpochSampler, FeatureScaler, SignData
 from isaret.data.readers import list_samples
 from isaret.distributed import DistContext, all_reduce_sum, any_rank, barrier, broadcast_object, gather_objects, \
     launch_command, run_on_main
-from isaret.errors import DataError, TrainingInterrupted
+from isaret.errors import CheckpointError, DataError, TrainingInterrupted
 from isaret.history import plot_history, read_history, write_history
 from isaret.interrupt import EXIT_CODES, StopRequest, ignore_stop_signals_in_worker, stop_signals_blocked
 from isaret.metrics import accuracy, confusion_matrix, macro_f1
@@ -103,7 +105,7 @@ class Trainer:
     def _load_data(self) -> CachedData:
         cfg = self.cfg.data
         root = Path(cfg.data_path) if cfg.data_path else demo_data_path()
-        samples = list_samples(root, cfg.data_format, cfg.signer_csv)
+        samples = list_samples(root, cfg.data_format, cfg.signer_csv, cfg.bad_file_policy)
         # Rank 0 builds the cache; the others wait and then read the finished entry.
         # NOTE: all ranks of a machine that does not share cache_dir with rank 0 build the entry at
         # once. That repeats the work, but the rename in load_or_build keeps one complete copy.
@@ -349,10 +351,14 @@ class Trainer:
     def _already_finished(self) -> bool:
         p, cfg = self.progress, self.cfg.train
         patience_hit = cfg.early_stopping_patience and p.patience_counter >= cfg.early_stopping_patience
-        if p.epoch >= cfg.num_epochs or (p.stopped_early and patience_hit):
-            log.info("Nothing to train: the run ended at epoch %d of %d%s. Raise num_epochs (--epochs) or "
-                     "early_stopping_patience to train further.", p.epoch, cfg.num_epochs,
-                     " by early stopping" if p.stopped_early else "")
+        if p.stopped_early and patience_hit:
+            log.info("Nothing to train: the run stopped early at epoch %d, after %d epochs without a better "
+                     "validation accuracy. Raise early_stopping_patience (--set early_stopping_patience=N, "
+                     "0 turns it off) to train further.", p.epoch, p.patience_counter)
+            return True
+        if p.epoch >= cfg.num_epochs:
+            log.info("Nothing to train: the run ended at epoch %d of %d. Raise num_epochs (--epochs) to train "
+                     "further.", p.epoch, cfg.num_epochs)
             return True
         p.stopped_early = False
         return False
@@ -546,6 +552,7 @@ def resolve_config(overrides: list[tuple[str, object, str]], resume: ResumeReque
         if not any(name.lower().endswith("checkpoint_dir") for name, _, _ in overrides):
             # Keep writing next to the checkpoint the run continues from.
             cfg.checkpoint.checkpoint_dir = str(path.parent)
+        _reject_other_run(Path(cfg.checkpoint.checkpoint_dir), path)
     cfg.checkpoint.resume_checkpoint = ""
     cfg.checkpoint.auto_resume = False
     if cfg.data.data_path:
@@ -556,21 +563,49 @@ def resolve_config(overrides: list[tuple[str, object, str]], resume: ResumeReque
     return cfg, path, payload
 
 
+def _reject_other_run(folder: Path, path: Path) -> None:
+    """Raise CheckpointError when resuming `path` would write into a folder that holds another run."""
+    if folder.resolve() == path.parent.resolve():
+        return
+    existing = checkpoint_candidates(folder)
+    if existing:
+        raise CheckpointError(
+            f"--checkpoint-dir {folder} already contains another run ({', '.join(p.name for p in existing[:3])}); "
+            f"resuming {path} there would mix two runs. Choose an empty --checkpoint-dir, or leave the option "
+            f"out to continue in {path.parent}"
+        )
+
+
+def _prepare_folder(cfg: Config, checkpoint_path: Path | None, checkpoint: dict | None) -> FolderLock:
+    """Lock the checkpoint folder, clean up after killed saves, and write the resolved config (rank 0)."""
+    folder = Path(cfg.checkpoint.checkpoint_dir)
+    lock = FolderLock.acquire(folder)
+    try:
+        for stale in remove_stale_temp_files(folder):
+            log.info("Removed %s, a temp file of a save that did not finish", stale)
+        if checkpoint is not None and checkpoint_path.parent.resolve() == folder.resolve():
+            moved = set_aside_later_checkpoints(folder, training_position(checkpoint))
+            if moved:
+                log.warning("Resuming from an earlier checkpoint: moved %d later checkpoint(s) of the abandoned "
+                            "continuation to %s", len(moved), moved[0].parent)
+        save_toml(cfg, folder / "config.toml")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def run_training(cfg: Config, checkpoint_path: Path | None, checkpoint: dict | None, ctx: DistContext,
                  show_progress: bool = True) -> Progress:
     """Train to the end (or to early stopping) and return the final counters and history."""
-
-    def prepare_folder() -> None:
-        folder = Path(cfg.checkpoint.checkpoint_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temp_files(folder):
-            log.info("Removed %s, a temp file of a save that did not finish", stale)
-        save_toml(cfg, folder / "config.toml")
-
-    run_on_main(prepare_folder, ctx)
-    trainer = Trainer(cfg, ctx, show_progress=show_progress)
-    trainer.setup(checkpoint, checkpoint_path)
-    progress = trainer.fit()
+    lock = run_on_main(lambda: _prepare_folder(cfg, checkpoint_path, checkpoint), ctx)
+    try:
+        trainer = Trainer(cfg, ctx, show_progress=show_progress)
+        trainer.setup(checkpoint, checkpoint_path)
+        progress = trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
     log.info("Training finished at epoch %d: best val acc %.4f (F1 %.4f) at epoch %d; checkpoints in %s",
              progress.epoch, max(progress.best_val_acc, 0.0), progress.best_val_f1, progress.best_epoch,
              cfg.checkpoint.checkpoint_dir)

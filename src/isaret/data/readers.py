@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,19 +50,19 @@ def detect_format(root: Path) -> str:
     raise DataError(f"data path not found: {root}; pass --data with a Kaggle ISLR folder or a folder of class folders")
 
 
-def list_samples(root: Path, data_format: str, signer_csv: str = "") -> list[SampleRef]:
+def list_samples(root: Path, data_format: str, signer_csv: str = "", bad_file_policy: str = "error") -> list[SampleRef]:
     if not root.exists():
         raise DataError(f"data path not found: {root}; check --data")
     if data_format == "auto":
         data_format = detect_format(root)
     if data_format == "kaggle-islr":
-        return list_kaggle_islr(root)
+        return list_kaggle_islr(root, bad_file_policy)
     if data_format == "npy-folder":
         return list_npy_folder(root, signer_csv)
     raise DataError(f"unknown data format {data_format!r}; use one of {', '.join(FORMATS)}")
 
 
-def list_kaggle_islr(root: Path) -> list[SampleRef]:
+def list_kaggle_islr(root: Path, bad_file_policy: str = "error") -> list[SampleRef]:
     """List the samples of a Kaggle ISLR folder (train.csv plus one parquet per sample)."""
     csv_path = root if root.is_file() else root / "train.csv"
     base = csv_path.parent
@@ -80,16 +81,23 @@ def list_kaggle_islr(root: Path) -> list[SampleRef]:
         raise DataError(f"{csv_path}: not valid UTF-8 text ({error})") from None
     except csv.Error as error:
         raise DataError(f"{csv_path}: invalid CSV ({error})") from None
-    samples = []
+    samples, unlabelled = [], []
     for line, row in enumerate(rows, start=2):
         relative = (row.get("path") or "").strip()
-        label = (row.get("sign") or "").strip()
+        label = unicodedata.normalize("NFC", (row.get("sign") or "").strip())
         if not relative:
             raise DataError(f"{csv_path}, line {line}: empty 'path'")
+        if not label and bad_file_policy == "error":
+            raise DataError(f"{csv_path}, line {line}: missing label in column 'sign' for {relative}; add the sign, "
+                            "or set bad_file_policy=skip to leave such rows out")
         if not label:
-            raise DataError(f"{csv_path}, line {line}: missing label in column 'sign' for {relative}")
+            unlabelled.append(f"line {line}: {relative}")
+            continue
         samples.append(SampleRef(sample_id=relative.replace("\\", "/"), path=base / relative, label=label,
                                  signer=(row.get("participant_id") or "").strip()))
+    if unlabelled:
+        log.warning("Skipped %d row(s) of %s without a label in column 'sign' (bad_file_policy=skip):\n  %s",
+                    len(unlabelled), csv_path, "\n  ".join(unlabelled[:50]))
     if not samples:
         raise DataError(f"{csv_path}: no samples listed")
     return samples
@@ -103,8 +111,11 @@ def list_npy_folder(root: Path, signer_csv: str = "") -> list[SampleRef]:
     samples = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for path in sorted(class_dir.glob("*.npy")):
-            sample_id = f"{class_dir.name}/{path.name}"
-            samples.append(SampleRef(sample_id=sample_id, path=path, label=class_dir.name,
+            # NFC, so that names written in decomposed form (as some file systems and zip tools
+            # do) give the same classes and sample ids.
+            label = unicodedata.normalize("NFC", class_dir.name)
+            sample_id = unicodedata.normalize("NFC", f"{class_dir.name}/{path.name}")
+            samples.append(SampleRef(sample_id=sample_id, path=path, label=label,
                                      signer=signers.get(sample_id, "")))
     if not samples:
         raise DataError(f"{root}: no class folders with .npy files found")
