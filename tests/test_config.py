@@ -200,3 +200,15 @@ def test_load_toml_invalid_syntax(tmp_path):
     with pytest.raises(ConfigError, match="invalid TOML") as error:
         load_toml(path)
     assert str(path) in str(error.value)
+
+
+def test_config_unknown_section_rejected(tmp_path):
+    from isaret.config import load_toml
+    from isaret.errors import ConfigError
+
+    path = tmp_path / "typo.toml"
+    path.write_text("[modle]\nd_model = 64\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        load_toml(path)
+    assert "unknown config section [modle]" in str(error.value)
+    assert "data, model, train, checkpoint" in str(error.value)

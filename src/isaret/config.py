@@ -140,7 +140,10 @@ class Config:
     def update(self, values: dict[str, Any], source: str) -> None:
         """Apply a nested ({section: {field: value}}) or flat ({field: value}) dict of values."""
         for key, value in values.items():
-            if key.lower() in SECTIONS and isinstance(value, dict):
+            if isinstance(value, dict):
+                if key.lower() not in SECTIONS:
+                    raise ConfigError(f"{source}: unknown config section [{key}]; sections are "
+                                      f"{', '.join(SECTIONS)}")
                 for name, item in value.items():
                     self.set(f"{key}.{name}", item, source)
             else:

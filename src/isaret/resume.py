@@ -61,7 +61,7 @@ def check_same(name: str, stored: Any, current: Any, path: str, fix: str) -> Non
     """Raise CheckpointError when a property of the data differs from the checkpoint's."""
     if stored != current:
         raise CheckpointError(
-            f"cannot resume from {path}: {name} differs\n  checkpoint: {_short(stored)}\n  current: {_short(current)}\n"
+            f"cannot resume from {path}: {name} does not match\n  checkpoint: {_short(stored)}\n  current: {_short(current)}\n"
             f"{fix}"
         )
 

@@ -47,6 +47,9 @@ def detect_format(root: Path) -> str:
         return "kaggle-islr"
     if root.is_dir():
         return "npy-folder"
+    if root.exists():
+        raise DataError(f"{root} is a file, not a data set; pass --data with a Kaggle ISLR folder (or its train.csv) "
+                        "or a folder of class folders")
     raise DataError(f"data path not found: {root}; pass --data with a Kaggle ISLR folder or a folder of class folders")
 
 
