@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from checks import assert_same_tensors, without_timings
 from isaret.checkpoint import load_checkpoint
 from isaret.config import Config
 from isaret.data.dataset import EpochSampler
@@ -150,26 +151,6 @@ def worker_pid(launcher_pid: int, rank: int) -> int:
 
 def final_state(folder: Path) -> dict:
     return load_checkpoint(folder / "last_model.pth")
-
-
-def assert_same_tensors(left: dict, right: dict, where: str) -> None:
-    """Compare nested state dicts tensor by tensor, bit for bit."""
-    if isinstance(left, torch.Tensor):
-        assert torch.equal(left, right), f"tensors differ at {where}"
-    elif isinstance(left, dict):
-        assert set(left) == set(right), where
-        for key in left:
-            assert_same_tensors(left[key], right[key], f"{where}/{key}")
-    elif isinstance(left, (list, tuple)):
-        assert len(left) == len(right), where
-        for index, (a, b) in enumerate(zip(left, right)):
-            assert_same_tensors(a, b, f"{where}[{index}]")
-    else:
-        assert left == right, f"values differ at {where}: {left!r} != {right!r}"
-
-
-def without_timings(history: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in history]
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checks import assert_same_tensors, without_timings
 from isaret.checkpoint import load_checkpoint
 from isaret.cli import main
 
@@ -78,28 +79,6 @@ def run_cli(*args: str, driver: tuple[str, int] | None = None, cwd: Path | None 
 
 def final_state(folder: Path) -> dict:
     return load_checkpoint(folder / "last_model.pth")
-
-
-def assert_same_tensors(left, right, where: str = "") -> None:
-    """Compare nested state dicts tensor by tensor, bit for bit."""
-    if isinstance(left, torch.Tensor):
-        assert isinstance(right, torch.Tensor), where
-        assert left.dtype == right.dtype, where
-        assert torch.equal(left, right), f"tensors differ at {where}"
-    elif isinstance(left, dict):
-        assert set(left) == set(right), where
-        for key in left:
-            assert_same_tensors(left[key], right[key], f"{where}/{key}")
-    elif isinstance(left, (list, tuple)):
-        assert len(left) == len(right), where
-        for index, (a, b) in enumerate(zip(left, right)):
-            assert_same_tensors(a, b, f"{where}[{index}]")
-    else:
-        assert left == right, f"values differ at {where}: {left!r} != {right!r}"
-
-
-def without_timings(history: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in history]
 
 
 def assert_same_run(resumed: dict, baseline: dict) -> None:

@@ -510,10 +510,10 @@ class Trainer:
 
 def resume_command(path: Path, ctx: DistContext) -> str:
     if ctx.enabled:
-        return f"{launch_command(ctx)} --resume {path}"
+        return f"{launch_command(ctx)} --resume {shlex.quote(str(path))}"
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     prefix = "python train.py" if program == "train.py" else "isaret train"
-    return f"{prefix} --resume {path}"
+    return f"{prefix} --resume {shlex.quote(str(path))}"
 
 
 @dataclass
