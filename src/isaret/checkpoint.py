@@ -227,7 +227,7 @@ def find_resumable(folder: Path) -> tuple[Path, dict] | None:
 def set_aside_later_checkpoints(folder: Path, position: tuple[int, int, int]) -> list[Path]:
     """Move checkpoints beyond `position` into a `superseded-<time>` subfolder, deleting nothing.
 
-    A run resumed from an earlier checkpoint starts a new continuation; files of the abandoned
+    A run resumed from an earlier checkpoint starts a new continuation. Files of the abandoned
     one would otherwise mix with it, and --auto-resume could pick them up later.
     """
     later = []
@@ -297,10 +297,11 @@ def restore_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------- folder lock
 
 class FolderLock:
-    """An exclusive lock on a checkpoint folder (`.lock`), so two runs never write into one folder.
+    """An exclusive lock on a checkpoint folder (`.lock`), so that a second run into the folder fails.
 
-    The lock is an fcntl.flock on an open file, so the kernel releases it when the process
-    ends, also after SIGKILL; a leftover `.lock` file never blocks a later run.
+    The lock is an fcntl.flock on an open file, which the kernel releases when the process ends,
+    also after SIGKILL. So a leftover `.lock` file does not block a later run. NOTE: flock is
+    advisory and may not hold across machines on some network file systems.
     """
 
     NAME = ".lock"
