@@ -169,7 +169,7 @@ def driver(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, cache, driver) -> Path:
-    """An uninterrupted 2-process run; its workdir holds the per-rank write records and logs."""
+    """An uninterrupted 2-process run; its workdir contains the per-rank write records and logs."""
     workdir = tmp_path_factory.mktemp("baseline")
     folder = workdir / "run"
     result = run_torchrun(*driven(driver, workdir, folder), *train_args(folder, cache),

@@ -564,7 +564,7 @@ def resolve_config(overrides: list[tuple[str, object, str]], resume: ResumeReque
 
 
 def _reject_other_run(folder: Path, path: Path) -> None:
-    """Raise CheckpointError when resuming `path` would write into a folder that holds another run."""
+    """Raise CheckpointError when resuming `path` would write into a folder that contains another run."""
     if folder.resolve() == path.parent.resolve():
         return
     existing = checkpoint_candidates(folder)
