@@ -332,7 +332,8 @@ def test_write_parquet_kaggle_layout(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.parquet"]
 
 
-def test_load_current_record_fingerprint(tmp_path):
+def _written_clip(tmp_path: Path):
+    """Write the outputs of one synthetic clip; return (video, clip, output folder, settings fingerprint)."""
     video = tmp_path / "hello" / "a.mp4"
     video.parent.mkdir()
     video.write_bytes(b"not decoded in this test")
@@ -340,6 +341,11 @@ def test_load_current_record_fingerprint(tmp_path):
     out = tmp_path / "out"
     settings = extract.Settings().fingerprint("mediapipe-test", "opencv-test")
     extract.write_clip_outputs(clip, out, _synthetic_frames(), extract.video_fingerprint(video, settings))
+    return video, clip, out, settings
+
+
+def test_load_current_record_fingerprint(tmp_path):
+    video, clip, out, settings = _written_clip(tmp_path)
 
     record = extract.load_current_record(clip, out, settings)
     assert record is not None
@@ -353,13 +359,7 @@ def test_load_current_record_fingerprint(tmp_path):
 
 
 def test_load_current_record_truncated_parquet(tmp_path):
-    video = tmp_path / "hello" / "a.mp4"
-    video.parent.mkdir()
-    video.write_bytes(b"not decoded in this test")
-    clip = extract.collect_clips([str(tmp_path)])[0]
-    out = tmp_path / "out"
-    settings = extract.Settings().fingerprint("mediapipe-test", "opencv-test")
-    extract.write_clip_outputs(clip, out, _synthetic_frames(), extract.video_fingerprint(video, settings))
+    video, clip, out, settings = _written_clip(tmp_path)
     parquet = out / clip.output
     parquet.write_bytes(parquet.read_bytes()[:100])
 

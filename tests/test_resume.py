@@ -1,7 +1,7 @@
 """Exact, crash-safe resume, shown with real training processes and real signals.
 
 Every run trains a small model on the embedded demo data. A baseline run trains without
-interruption; each test stops a run in another way, resumes it, and compares the final
+interruption. Each test stops a run in another way, resumes it, and compares the final
 model and optimizer tensors bit for bit and the history row for row (timings aside).
 """
 

@@ -131,6 +131,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"invalid checkpoint {path}: the file is empty (0 bytes)")
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -141,6 +142,7 @@ def load_checkpoint(path: str | Path) -> dict:
         # AttributeError, AssertionError), so any failure here means a corrupt file.
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise CheckpointError(f"invalid checkpoint {path}: corrupt or truncated file ({reason})") from None
+
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"invalid checkpoint {path}: not an isaret checkpoint (no format '{FORMAT}')")
     version = payload.get("format_version")
@@ -148,6 +150,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(
             f"unsupported checkpoint {path}: format version {version}; this isaret reads version {FORMAT_VERSION}"
         )
+
     try:
         digest = integrity_digest(payload)
     except (CheckpointError, RuntimeError) as error:
