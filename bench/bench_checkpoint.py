@@ -2,9 +2,12 @@
 
 Measures in one run, and prints as markdown tables with the targets:
 
-1. the per-epoch checkpoint cost of `Trainer._save_epoch` (state dict, atomic save, hard links,
-   rotation, history files) as a percentage of the epoch time (target: under 1 %). It comes
-   from a training run in this process with the default settings on a Kaggle ISLR data set;
+1. the per-epoch checkpoint cost of `Trainer._save_epoch` (state dict, history files, atomic
+   save, hard links, rotation) as a percentage of the epoch time (target: under 1 %). It comes
+   from a training run in this process with the default settings on a Kaggle ISLR data set.
+   An A/B comparison then trains several times without checkpoints, with the default
+   checkpoints and with background saves (`async_save = true`), to show what the checkpoints
+   cost the training as a whole;
 2. `save_atomic` against a plain `torch.save` of the same checkpoint dict, the median of
    several saves, and where the time of `save_atomic` goes (target: at most 1.2x);
 3. the time from process start to the end of the first optimizer step, for a fresh
@@ -37,6 +40,7 @@ import isaret.checkpoint as checkpoint_module
 from isaret.checkpoint import BEST, LAST, Checkpointer, load_checkpoint, save_atomic
 from isaret.config import Config
 from isaret.distributed import DistContext, init_distributed
+from isaret.history import write_history
 from isaret.trainer import Trainer, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +81,7 @@ sys.exit(cli.main(["train", *sys.argv[2:]]))
 # error when one of them is renamed, because a hook that is never called would measure nothing.
 HOOKS = (("isaret.trainer", "Trainer", "_save_epoch"), ("isaret.trainer", "Trainer", "fit"),
          ("isaret.trainer", "Trainer", "_optimizer_step"), ("isaret.checkpoint", None, "_fsync_folder"),
-         ("isaret.checkpoint", None, "integrity_digest"))
+         ("isaret.checkpoint", None, "check_plain"))
 
 
 def check_hooks() -> list[str]:
@@ -116,37 +120,73 @@ class OverheadRun:
         return [100 * save / epoch for save, epoch in zip(self.save_seconds, self.epoch_seconds)]
 
 
-def run_overhead(data: Path, epochs: int, workdir: Path, cache_root: Path) -> OverheadRun:
-    """Train with the defaults in this process and time each call of Trainer._save_epoch.
-
-    The epoch seconds in the history cover training and validation and stop before
-    `_save_epoch`, so the two times do not overlap.
-    """
+def bench_config(data: Path, cache_root: Path, folder: Path, epochs: int) -> Config:
     cfg = Config()
     cfg.data.data_path = str(data)
     cfg.data.cache_dir = str(cache_root)
-    cfg.checkpoint.checkpoint_dir = str(workdir / "base")
+    cfg.checkpoint.checkpoint_dir = str(folder)
     cfg.train.num_epochs = epochs
     cfg.validate()
-    ctx = init_distributed(cfg.train.device, cfg.train.dist_backend)
+    return cfg
 
+
+@contextlib.contextmanager
+def timed_saves(skip: bool = False):
+    """Time each Trainer._save_epoch call, or replace it by the history write alone; yield (seconds, improved)."""
     saves: list[float] = []
     improved_flags: list[bool] = []
     original = Trainer._save_epoch
 
     def timed_save_epoch(self: Trainer, epoch: int, improved: bool) -> None:
         started = time.perf_counter()
-        original(self, epoch, improved)
+        if skip:
+            write_history(self.folder, self.progress.history, self.progress.resume_points)
+        else:
+            original(self, epoch, improved)
         saves.append(time.perf_counter() - started)
         improved_flags.append(improved)
 
     Trainer._save_epoch = timed_save_epoch
     try:
-        progress = run_training(cfg, None, None, ctx, show_progress=False)
+        yield saves, improved_flags
     finally:
         Trainer._save_epoch = original
+
+
+def run_overhead(data: Path, epochs: int, workdir: Path, cache_root: Path) -> OverheadRun:
+    """Train with the defaults in this process and time each call of Trainer._save_epoch.
+
+    The epoch seconds in the history cover training and validation and stop before
+    `_save_epoch`, so the two times do not overlap.
+    """
+    cfg = bench_config(data, cache_root, workdir / "base", epochs)
+    ctx = init_distributed(cfg.train.device, cfg.train.dist_backend)
+    with timed_saves() as (saves, improved_flags):
+        progress = run_training(cfg, None, None, ctx, show_progress=False)
     return OverheadRun([row["seconds"] for row in progress.history], saves, improved_flags,
                        Path(cfg.checkpoint.checkpoint_dir) / LAST)
+
+
+AB_MODES = ("no saves", "foreground saves", "background saves")
+
+
+def run_ab(data: Path, epochs: int, runs: int, workdir: Path, cache_root: Path) -> dict[str, list[float]]:
+    """Train `runs` times in each mode, alternating, and return the training seconds of each run.
+
+    The training seconds are the epochs' seconds plus the time inside Trainer._save_epoch, so a
+    background write that slows the next epoch counts, and setup does not.
+    """
+    ctx = init_distributed("cpu", "gloo")
+    totals: dict[str, list[float]] = {mode: [] for mode in AB_MODES}
+    for run in range(runs):
+        for mode in AB_MODES:
+            cfg = bench_config(data, cache_root, workdir / f"ab-{run}-{AB_MODES.index(mode)}", epochs)
+            cfg.train.early_stopping_patience = 0  # every run trains all epochs
+            cfg.checkpoint.async_save = mode == "background saves"  # off by default
+            with timed_saves(skip=mode == "no saves") as (saves, _):
+                progress = run_training(cfg, None, None, ctx, show_progress=False)
+            totals[mode].append(sum(row["seconds"] for row in progress.history) + sum(saves))
+    return totals
 
 
 # ----------------------------------------------------------------------------- 2. save time
@@ -173,7 +213,7 @@ def checkpoint_dict(path: Path) -> dict:
     """Return the dict that Trainer.state_dict() produced for this file, without the keys save_atomic adds."""
     payload = load_checkpoint(path)
     for key in ("format", "format_version", "integrity"):
-        payload.pop(key)
+        payload.pop(key, None)
     return payload
 
 
@@ -192,16 +232,12 @@ def timed_save_parts():
                 current[name] += time.perf_counter() - started
         return timed
 
-    real_fsync = os.fsync
-    real_fsync_folder = checkpoint_module._fsync_folder
-    timed_file_fsync = wrap("fsync of the file", real_fsync)
+    real_fsync, real_fsync_folder = os.fsync, checkpoint_module._fsync_folder
+    timed_file_fsync = wrap("fsync of the file (the pages not yet written back)", real_fsync)
 
     def fsync(handle: int) -> None:
-        # _fsync_folder calls os.fsync too; its time is counted as the folder's, not the file's.
-        if in_folder_fsync:
-            real_fsync(handle)
-        else:
-            timed_file_fsync(handle)
+        # _fsync_folder calls os.fsync too; its time counts as the folder's, not the file's.
+        (real_fsync if in_folder_fsync else timed_file_fsync)(handle)
 
     def fsync_folder(folder: Path) -> None:
         nonlocal in_folder_fsync
@@ -212,8 +248,8 @@ def timed_save_parts():
             in_folder_fsync = False
 
     patches = [
-        (checkpoint_module, "integrity_digest", wrap("integrity hash (SHA-256)", checkpoint_module.integrity_digest)),
-        (torch, "save", wrap("torch.save into the temp file", torch.save)),
+        (checkpoint_module, "check_plain", wrap("check of the value types", checkpoint_module.check_plain)),
+        (torch, "save", wrap("torch.save into the temp file (writeback starts meanwhile)", torch.save)),
         (os, "fsync", fsync),
         (os, "replace", wrap("os.replace", os.replace)),
         (checkpoint_module, "_fsync_folder", fsync_folder),
@@ -233,7 +269,9 @@ def run_save_times(checkpoint_path: Path, repeats: int, workdir: Path) -> SaveTi
 
     The four alternate within each repeat, so load on a shared machine hits them alike. Each
     overwrites its own file, as a trainer overwrites last_model.pth. One untimed round first
-    creates the files.
+    creates the files. An untimed os.sync() before each save writes out what the previous one
+    left in the page cache (a plain torch.save leaves all of its file there), so no save pays
+    for another's data.
     """
     payload = checkpoint_dict(checkpoint_path)
     folder = workdir / "saves"
@@ -265,18 +303,20 @@ def run_save_times(checkpoint_path: Path, repeats: int, workdir: Path) -> SaveTi
         function()
     for _ in range(repeats):
         for target, function in methods:
+            os.sync()  # no save waits for data that an earlier one left in the page cache
             started = time.perf_counter()
             function()
             target.append(time.perf_counter() - started)
 
     for _ in range(repeats):
+        os.sync()
         with timed_save_parts() as current:
             started = time.perf_counter()
             atomic()
             total = time.perf_counter() - started
         for name, seconds in current.items():
             times.parts[name].append(seconds)
-        times.parts["other (dict copy, mkstemp, close)"].append(total - sum(current.values()))
+        times.parts["other (dict copy, mkstemp, writeback thread, close)"].append(total - sum(current.values()))
         times.parts["total"].append(total)
     return times
 
@@ -321,7 +361,12 @@ def run_start_times(data: Path, checkpoint_path: Path, epochs: int, repeats: int
 
 # ----------------------------------------------------------------------------- report
 
-def targets_table(overhead: OverheadRun, saves: SaveTimes, starts: StartTimes) -> str:
+def ab_cost(totals: dict[str, list[float]], mode: str) -> float:
+    """Median training time of `mode` over that of runs without saves, as a percentage more."""
+    return 100 * (statistics.median(totals[mode]) / statistics.median(totals["no saves"]) - 1)
+
+
+def targets_table(overhead: OverheadRun, saves: SaveTimes, starts: StartTimes, totals: dict[str, list[float]]) -> str:
     save_ratio = statistics.median(saves.atomic) / statistics.median(saves.plain)
     overhead_percent = statistics.median(overhead.percentages)
     fresh = statistics.median(m["first_step"] for m in starts.fresh)
@@ -335,6 +380,10 @@ def targets_table(overhead: OverheadRun, saves: SaveTimes, starts: StartTimes) -
         f"| checkpoint cost per epoch / epoch time (median) | {overhead_percent:.2f} % "
         f"({median_ms(overhead.save_seconds):.0f} ms / {statistics.median(overhead.epoch_seconds):.2f} s) | "
         f"< {OVERHEAD_TARGET} % | {verdict(overhead_percent < OVERHEAD_TARGET)} |",
+        f"| epoch length from which that cost is under {OVERHEAD_TARGET} % | "
+        f"{statistics.median(overhead.save_seconds) * 100 / OVERHEAD_TARGET:.2f} s | | |",
+        f"| training time with checkpoints (defaults) / without, {len(totals['no saves'])} runs each (median) | "
+        f"{ab_cost(totals, 'foreground saves'):+.2f} % | | see the A/B table |",
         f"| resume start / fresh start to first step (median s) | {start_ratio:.2f}x ({resume:.2f} / {fresh:.2f}) | "
         f"<= {START_TARGET}x | {verdict(start_ratio <= START_TARGET)} |",
     ])
@@ -345,7 +394,7 @@ def save_table(saves: SaveTimes) -> str:
              "| save | median ms | min ms | max ms |", "| --- | ---: | ---: | ---: |"]
     rows = [("plain `torch.save(dict, path)`", saves.plain),
             ("`torch.save` + `os.fsync` of the file", saves.plain_fsync),
-            ("`save_atomic` (hash, temp file, fsync, replace, folder fsync)", saves.atomic),
+            ("`save_atomic` (temp file, early writeback, fsync, replace, folder fsync)", saves.atomic),
             ("`Checkpointer.save`, improved epoch (epoch file + last + best links, rotation)", saves.checkpointer)]
     for name, values in rows:
         lines.append(f"| {name} | {median_ms(values):.1f} | {min(values) * 1000:.1f} | {max(values) * 1000:.1f} |")
@@ -359,10 +408,18 @@ def save_table(saves: SaveTimes) -> str:
 def overhead_table(overhead: OverheadRun) -> str:
     lines = ["| epoch | epoch s (train + validation) | `_save_epoch` ms | best link | overhead % |",
              "| ---: | ---: | ---: | --- | ---: |"]
-    for index, (epoch_s, save_s, improved, percent) in enumerate(
-            zip(overhead.epoch_seconds, overhead.save_seconds, overhead.improved, overhead.percentages), start=1):
-        lines.append(f"| {index} | {epoch_s:.2f} | {save_s * 1000:.1f} | {'yes' if improved else 'no'} | "
-                     f"{percent:.2f} |")
+    rows = zip(overhead.epoch_seconds, overhead.save_seconds, overhead.improved, overhead.percentages)
+    for index, (epoch_s, save_s, improved, percent) in enumerate(rows, start=1):
+        lines.append(f"| {index} | {epoch_s:.2f} | {save_s * 1000:.1f} | {'yes' if improved else 'no'} | {percent:.2f} |")
+    return "\n".join(lines)
+
+
+def ab_table(totals: dict[str, list[float]], epochs: int) -> str:
+    lines = [f"Training seconds of {epochs} epochs (epochs plus time inside `_save_epoch`), runs alternating:", "",
+             "| mode | every run (s) | median s | vs no saves |", "| --- | --- | ---: | ---: |"]
+    for mode, values in totals.items():
+        cost = "" if mode == "no saves" else f"{ab_cost(totals, mode):+.2f} %"
+        lines.append(f"| {mode} | {', '.join(f'{v:.2f}' for v in values)} | {statistics.median(values):.2f} | {cost} |")
     return "\n".join(lines)
 
 
@@ -394,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timed saves per save method; medians are reported (default 20)")
     parser.add_argument("--start-repeats", type=int, default=5,
                         help="fresh and resumed process starts each; medians are reported (default 5)")
+    parser.add_argument("--ab-runs", type=int, default=3,
+                        help="training runs per mode (no saves, background saves, foreground saves) for the "
+                             "A/B comparison of training time (default 3)")
+    parser.add_argument("--ab-epochs", type=int, default=10, help="epochs of each A/B run (default 10)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="intra-op threads of torch in this process and OMP_NUM_THREADS of the child "
                              "processes; 0 keeps torch's default (default 0)")
@@ -405,8 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def argument_error(args: argparse.Namespace) -> str:
     """Return what is wrong with the arguments or the installed isaret, or an empty string."""
-    if min(args.epochs, args.save_repeats, args.start_repeats) < 1 or args.torch_threads < 0:
-        return "--epochs, --save-repeats and --start-repeats must be at least 1, --torch-threads at least 0"
+    if min(args.epochs, args.save_repeats, args.start_repeats, args.ab_runs, args.ab_epochs) < 1 \
+            or args.torch_threads < 0:
+        return ("--epochs, --save-repeats, --start-repeats, --ab-runs and --ab-epochs must be at least 1, "
+                "--torch-threads at least 0")
     if not (args.data / "train.csv").is_file():
         return f"{args.data / 'train.csv'} not found; pass --data with a Kaggle ISLR folder"
     missing = check_hooks()
@@ -415,14 +478,17 @@ def argument_error(args: argparse.Namespace) -> str:
     return ""
 
 
-def print_report(overhead: OverheadRun, saves: SaveTimes, starts: StartTimes, epochs: int, start_repeats: int) -> None:
+def print_report(overhead: OverheadRun, saves: SaveTimes, starts: StartTimes, totals: dict[str, list[float]],
+                 args: argparse.Namespace) -> None:
     print("## Targets\n")
-    print(targets_table(overhead, saves, starts))
-    print(f"\n## Per-epoch checkpoint overhead ({epochs} epochs, defaults)\n")
+    print(targets_table(overhead, saves, starts, totals))
+    print(f"\n## Per-epoch checkpoint overhead ({args.epochs} epochs, defaults)\n")
     print(overhead_table(overhead))
+    print("\n## Training time with and without checkpoints\n")
+    print(ab_table(totals, args.ab_epochs))
     print("\n## Save time\n")
     print(save_table(saves))
-    print(f"\n## Start to first optimizer step ({start_repeats} repeats each)\n")
+    print(f"\n## Start to first optimizer step ({args.start_repeats} repeats each)\n")
     print(start_table(starts))
 
 
@@ -451,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
                                  cache_root, env)
         deleted = " (deleted at the end)" if args.workdir is None else ""
         print(f"load average {os.getloadavg()[0]:.2f} at the end; working folder {workdir}{deleted}\n")
-        print_report(overhead, saves, starts, args.epochs, args.start_repeats)
+        totals = run_ab(args.data, args.ab_epochs, args.ab_runs, workdir, cache_root)
+        print(f"load average {os.getloadavg()[0]:.2f} after the A/B runs\n")
+        print_report(overhead, saves, starts, totals, args)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

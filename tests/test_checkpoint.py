@@ -8,6 +8,10 @@ import os
 import pickle
 import random
 import struct
+import subprocess
+import sys
+import textwrap
+import threading
 import zipfile
 from pathlib import Path
 
@@ -15,9 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+import isaret.checkpoint as checkpoint_module
 from isaret.checkpoint import (
     BEST,
     FORMAT,
+    Checkpointer,
     LAST,
     capture_rng_state,
     checkpoint_candidates,
@@ -29,7 +35,9 @@ from isaret.checkpoint import (
     restore_rng_state,
     rotate_epoch_files,
     save_atomic,
+    wait_for_deletions,
 )
+from isaret.distributed import DistContext
 from isaret.errors import CheckpointError
 
 
@@ -86,18 +94,82 @@ def test_save_atomic_weights_only_load(tmp_path):
     loaded = load_checkpoint(path)
 
     assert raw["format"] == FORMAT
-    assert raw["format_version"] == 1
-    assert raw["integrity"] == integrity_digest(raw)
+    assert raw["format_version"] == 2
+    assert "integrity" not in raw
+    assert zipfile.ZipFile(path).testzip() is None
     assert_same_payload(loaded, sample_payload())
     assert loaded["model_state_dict"]["head.weight"].dtype == torch.bfloat16
+    assert [p.name for p in tmp_path.iterdir()] == [LAST]
+
+
+def test_save_atomic_large_tensors_round_trip(tmp_path):
+    payload = {"weights": {f"layer{i}": torch.randn(200_000) for i in range(4)}, "epoch": 1}
+    path = tmp_path / LAST
+    save_atomic(payload, path)
+
+    loaded = load_checkpoint(path)
+    for name, tensor in payload["weights"].items():
+        assert torch.equal(loaded["weights"][name], tensor), name
+    assert [p.name for p in tmp_path.iterdir()] == [LAST]
+
+
+def test_save_atomic_write_error_keeps_old_file(tmp_path):
+    # A child process may write files of at most 100 kB, so the second, larger save fails in
+    # torch's file writer (EFBIG), as on a full disk.
+    code = textwrap.dedent(f"""
+        import resource, signal, sys, torch
+        from pathlib import Path
+        from isaret.checkpoint import save_atomic
+        from isaret.errors import CheckpointError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        path = Path({str(tmp_path / LAST)!r})
+        save_atomic({{"epoch": 1}}, path)
+        try:
+            save_atomic({{"epoch": 2, "weight": torch.zeros(2_000_000)}}, path)
+        except CheckpointError as error:
+            print(error)
+            sys.exit(3)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 3, result.stderr
+    assert f"failed to write checkpoint {tmp_path / LAST}: the write stopped" in result.stdout
+    assert "MB free on that disk" in result.stdout
+    assert load_checkpoint(tmp_path / LAST)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == [LAST]
 
 
 def test_save_atomic_replaces_file(tmp_path):
     write(tmp_path, LAST, step=1)
     write(tmp_path, LAST, step=2)
+    wait_for_deletions()  # the replaced file's blocks are freed in the background
 
     assert load_checkpoint(tmp_path / LAST)["global_step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == [LAST]
+
+
+def test_save_atomic_keeps_other_hard_link(tmp_path):
+    write(tmp_path, epoch_name(1), step=1)
+    os.link(tmp_path / epoch_name(1), tmp_path / LAST)
+    write(tmp_path, LAST, step=2)
+    wait_for_deletions()
+
+    assert load_checkpoint(tmp_path / epoch_name(1))["global_step"] == 1
+    assert load_checkpoint(tmp_path / LAST)["global_step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [epoch_name(1), LAST]
+
+
+def test_replaced_file_deleted_before_exit(tmp_path):
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from isaret.checkpoint import save_atomic
+        for step in range(3):
+            save_atomic({{"global_step": step}}, Path({str(tmp_path / LAST)!r}))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == [LAST]
 
 
@@ -175,7 +247,7 @@ def test_bitflip_in_tensor_data_rejected(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(path)
     assert str(path) in str(error.value)
-    assert "integrity check failed" in str(error.value)
+    assert f"integrity check failed (the stored CRC-32 of record {members[0]} does not match" in str(error.value)
 
 
 def test_bitflip_in_string_value_rejected(tmp_path):
@@ -195,8 +267,9 @@ def test_any_bitflip_rejected_or_harmless(tmp_path):
     original = tmp_path / "original.pth"
     save_atomic({"weight": torch.randn(3), "epoch": 1, "name": "run", "items": [1.5, None, True]}, original)
     data = original.read_bytes()
-    pickle_start = zipfile.ZipFile(original).getinfo("archive/data.pkl").header_offset
-    pickle_stop = entry_data_range(original, "archive/data.pkl")[1]
+    pickle_name = next(name for name in zipfile.ZipFile(original).namelist() if name.endswith("/data.pkl"))
+    pickle_start = zipfile.ZipFile(original).getinfo(pickle_name).header_offset
+    pickle_stop = entry_data_range(original, pickle_name)[1]
     offsets = sorted(set(range(pickle_start, pickle_stop)) | set(range(0, len(data), 8)))
     damaged = tmp_path / LAST
     expected = load_checkpoint(original)
@@ -248,14 +321,38 @@ def test_other_format_version_rejected(tmp_path):
     assert str(path) in str(error.value)
 
 
-def test_forged_content_rejected(tmp_path):
-    payload = torch.load(write(tmp_path, "original.pth"), weights_only=True)
-    payload["best_val_acc"] = 0.99
-    path = tmp_path / LAST
+def write_version_1(path: Path, payload: dict) -> None:
+    """Write a file as isaret 0.1 did: the SHA-256 of the content under "integrity"."""
+    payload = dict(payload, format=FORMAT, format_version=1)
+    payload["integrity"] = integrity_digest(payload)
     torch.save(payload, path)
 
-    with pytest.raises(CheckpointError, match="integrity check failed"):
-        load_checkpoint(path)
+
+def test_version_1_file_loads(tmp_path):
+    write_version_1(tmp_path / LAST, sample_payload())
+
+    assert_same_payload(load_checkpoint(tmp_path / LAST), sample_payload())
+
+
+def test_version_1_changed_content_rejected(tmp_path):
+    write_version_1(tmp_path / "original.pth", sample_payload())
+    payload = torch.load(tmp_path / "original.pth", weights_only=True)
+    payload["best_val_acc"] = 0.99
+    torch.save(payload, tmp_path / LAST)
+
+    with pytest.raises(CheckpointError, match=r"integrity check failed \(the stored SHA-256"):
+        load_checkpoint(tmp_path / LAST)
+
+
+def test_crc32_option_off_still_checked(tmp_path):
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = write(tmp_path, LAST)
+    finally:
+        torch.serialization.set_crc32_options(True)
+
+    assert torch.serialization.get_crc32_options() is True
+    assert load_checkpoint(path)["global_step"] == 30
 
 
 class WritesMarker:
@@ -312,6 +409,7 @@ def test_rotate_keeps_newest_and_protected(tmp_path):
     (tmp_path / BEST).write_bytes(b"x")
     protected = {(tmp_path / epoch_name(1)).resolve()}
     removed = rotate_epoch_files(tmp_path, keep_last_k=2, protected=protected)
+    wait_for_deletions()
 
     assert sorted(p.name for p in removed) == [epoch_name(2), epoch_name(3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -322,6 +420,7 @@ def test_rotate_keep_zero_spares_protected(tmp_path):
     for epoch in range(1, 4):
         (tmp_path / epoch_name(epoch)).write_bytes(b"x")
     rotate_epoch_files(tmp_path, keep_last_k=0, protected={(tmp_path / epoch_name(2)).resolve()})
+    wait_for_deletions()
 
     assert sorted(p.name for p in tmp_path.iterdir()) == [epoch_name(2)]
 
@@ -331,6 +430,7 @@ def test_rotate_orders_epochs_numerically(tmp_path):
         (tmp_path / epoch_name(epoch)).write_bytes(b"x")
     (tmp_path / "epoch_12.pth").write_bytes(b"not matched: fewer than 3 digits")
     rotate_epoch_files(tmp_path, keep_last_k=2, protected=set())
+    wait_for_deletions()
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1000.pth", "epoch_1001.pth", "epoch_12.pth"]
 
@@ -396,3 +496,49 @@ def test_remove_stale_temp_files(tmp_path):
 
     assert [p.name for p in removed] == [".tmp-last_model.pth.x1"]
     assert [p.name for p in tmp_path.iterdir()] == [LAST]
+
+
+# ----------------------------------------------------------------------------- background saves
+
+def test_background_save_writes_state_of_save_time(tmp_path, monkeypatch):
+    # The thread may write only once training has changed the tensors and the history.
+    trained_on = threading.Event()
+
+    def save_later(*args, **kwargs):
+        assert trained_on.wait(timeout=30)
+        save_atomic(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_atomic", save_later)
+    checkpointer = Checkpointer(tmp_path, keep_last_k=2, ctx=DistContext(), background=True)
+    state = sample_payload()
+    expected = {name: tensor.clone() for name, tensor in state["model_state_dict"].items()}
+    checkpointer.save(state, epoch_file=1, links=(BEST,))
+    for tensor in state["model_state_dict"].values():
+        tensor.fill_(7)
+    state["history"].append({"epoch": 3})
+    trained_on.set()
+    checkpointer.wait()
+
+    loaded = load_checkpoint(tmp_path / LAST)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded["model_state_dict"][name], tensor), name
+    assert len(loaded["history"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST, epoch_name(1), LAST]
+
+
+def test_background_save_error_raised_by_wait(tmp_path):
+    (tmp_path / epoch_name(2)).mkdir()  # os.replace onto a folder fails
+    checkpointer = Checkpointer(tmp_path, keep_last_k=2, ctx=DistContext(), background=True)
+    checkpointer.save(sample_payload(10), epoch_file=1)
+    checkpointer.save(sample_payload(20), epoch_file=2)
+
+    with pytest.raises(CheckpointError, match=f"failed to write checkpoint {tmp_path / epoch_name(2)}"):
+        checkpointer.wait()
+    checkpointer.wait()  # the error is raised once
+    assert load_checkpoint(tmp_path / LAST)["global_step"] == 10
+
+
+def test_background_save_off_under_torchrun(tmp_path):
+    two_processes = DistContext(rank=0, world_size=2)
+    assert Checkpointer(tmp_path, 2, DistContext(), background=True).background
+    assert not Checkpointer(tmp_path, 2, two_processes, background=True).background

@@ -44,10 +44,11 @@ DRIVER = textwrap.dedent("""
             if calls[0] == at:
                 buffer = io.BytesIO()
                 real_save(obj, buffer, *args, **kwargs)
-                stream.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-                stream.flush()
-                os.fsync(stream.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
+                with open(stream, "wb") as handle:
+                    handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)  # the half file is on disk under its temp name
             return real_save(obj, stream, *args, **kwargs)
         torch.save = dying_save
     else:
@@ -112,9 +113,11 @@ def test_resume_epoch_boundary_identical(baseline, cache, tmp_path):
     assert_same_run(final_state(folder), final_state(baseline))
 
 
-def test_resume_after_sigint_mid_epoch(baseline, cache, tmp_path):
+@pytest.mark.parametrize("saves", ["foreground", "background"])
+def test_resume_after_sigint_mid_epoch(baseline, cache, tmp_path, saves):
     folder = tmp_path / "run"
-    stopped = run_cli(*train_args(folder, cache), driver=("SIGINT", 10))
+    background = ["--set", f"async_save={saves == 'background'}"]
+    stopped = run_cli(*train_args(folder, cache, *background), driver=("SIGINT", 10))
     assert stopped.returncode == 130, stopped.stderr
     assert f"resume with: isaret train --resume {folder / 'last_model.pth'}" in stopped.stderr
     interrupted = load_checkpoint(folder / "last_model.pth")
@@ -189,6 +192,24 @@ def test_resume_after_sigkill_during_save(baseline, cache, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
     assert_same_run(final_state(folder), final_state(baseline))
+
+
+def test_background_saves_same_run(baseline, cache, tmp_path):
+    folder = tmp_path / "run"
+    result = run_cli(*train_args(folder, cache, "--set", "async_save=true", "--set", "save_every_steps=3"))
+    assert result.returncode == 0, result.stderr
+    assert_same_run(final_state(folder), final_state(baseline))
+
+
+def test_background_save_failure_stops_run(cache, tmp_path):
+    folder = tmp_path / "run"
+    (folder / "epoch_002.pth").mkdir(parents=True)  # the save of epoch 2 cannot rename onto a folder
+    result = run_cli(*train_args(folder, cache, "--set", "async_save=true"))
+    assert result.returncode == 1, result.stderr
+    assert f"error: failed to write checkpoint {folder / 'epoch_002.pth'}" in result.stderr
+    assert "Epoch 4/" not in result.stderr
+    assert final_state(folder)["epoch"] == 1
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_resume_from_best_replays_later_epochs(cache, tmp_path):
@@ -345,7 +366,7 @@ def test_inspect_real_checkpoint(baseline, capsys):
     code = main(["inspect", str(baseline / "last_model.pth")])
     output = capsys.readouterr().out
     assert code == 0
-    assert "format version: 1" in output
+    assert "format version: 2" in output
     assert f"epoch: {EPOCHS} completed" in output
     assert "mid-epoch: no" in output
     assert "classes (2): hello, thankyou" in output

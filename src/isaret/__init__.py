@@ -1,6 +1,6 @@
 """isaret: transformer classifiers of isolated signs from landmark sequences."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def load_predictor(path, device: str = "cpu"):

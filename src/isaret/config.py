@@ -112,6 +112,8 @@ class CheckpointConfig:
     auto_resume: bool = _field(False, "resume from the newest valid checkpoint in checkpoint_dir, if any")
     resume_checkpoint: str = _field("", "checkpoint to resume from, as --resume")
     save_history_in_checkpoint: bool = _field(True, "store the per-epoch history inside each checkpoint")
+    async_save: bool = _field(False, "write checkpoints in a background thread while training goes on (one process "
+                                     "only; under torchrun every rank waits for each commit)")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "checkpoint": CheckpointConfig}

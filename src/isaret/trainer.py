@@ -81,7 +81,7 @@ class Trainer:
         self.device = ctx.device
         self.show_progress = show_progress and ctx.is_main
         self.folder = Path(cfg.checkpoint.checkpoint_dir)
-        self.checkpointer = Checkpointer(self.folder, cfg.checkpoint.keep_last_k, ctx)
+        self.checkpointer = Checkpointer(self.folder, cfg.checkpoint.keep_last_k, ctx, background=cfg.checkpoint.async_save)
         self.progress = Progress()
         self.resumed_from: Path | None = None
 
@@ -153,6 +153,9 @@ class Trainer:
     def _batches(self, dataset: SignDataset, sampler: EpochSampler):
         """Return an iterator over the sampler's batches, with worker processes started safely."""
         workers = self.cfg.data.num_workers
+        if workers:
+            # Workers are forked: no checkpoint thread may hold a lock while the process is copied.
+            self.checkpointer.wait()
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                             worker_init_fn=ignore_stop_signals_in_worker if workers else None,
                             # A private generator keeps the loader from drawing on the global torch RNG.
@@ -345,6 +348,7 @@ class Trainer:
                 self._finish_epoch(epoch, val_loss, val_acc, val_f1, time.perf_counter() - started)
                 if p.stopped_early:
                     break
+        self.checkpointer.wait()
         self._write_reports()
         return p
 
@@ -415,10 +419,11 @@ class Trainer:
 
     def _after_step(self, epoch: int) -> None:
         """Checkpoint mid-epoch on request: after SIGINT/SIGTERM (then stop) or every save_every_steps."""
+        self.checkpointer.check()
         stop = any_rank(self.stop.requested, self.ctx)
         every = self.cfg.checkpoint.save_every_steps
         if stop or (every and self.progress.global_step % every == 0):
-            path = self.checkpointer.save(self.state_dict(), epoch_file=None, protected=self._protected())
+            path = self.checkpointer.save(self.state_dict(), epoch_file=None, protected=self._protected(), wait=stop)
             if stop:
                 self._write_reports()
                 name = self.stop.signal_name or "SIGTERM"
@@ -486,14 +491,17 @@ class Trainer:
                 write_history(self.folder, p.history, p.resume_points)
             return
         state = self.state_dict()
+        if self.ctx.is_main:
+            # Write the history first, while no background save competes for the GIL. history.json
+            # may then run one epoch ahead of the checkpoints, and a resume reads only its rows up
+            # to the checkpoint's epoch.
+            write_history(self.folder, p.history, p.resume_points)
         if regular or last:
             epoch_file = epoch if cfg.checkpoint.keep_last_k and regular else None
             self.checkpointer.save(state, epoch_file=epoch_file, protected=self._protected(),
                                    links=(BEST,) if improved else ())
         else:
             self.checkpointer.save(state, name=BEST, protected=self._protected())
-        if self.ctx.is_main:
-            write_history(self.folder, p.history, p.resume_points)
 
     def _protected(self) -> set[Path]:
         return {self.resumed_from.resolve()} if self.resumed_from else set()
@@ -599,10 +607,15 @@ def run_training(cfg: Config, checkpoint_path: Path | None, checkpoint: dict | N
                  show_progress: bool = True) -> Progress:
     """Train to the end (or to early stopping) and return the final counters and history."""
     lock = run_on_main(lambda: _prepare_folder(cfg, checkpoint_path, checkpoint), ctx)
+    trainer = None
     try:
         trainer = Trainer(cfg, ctx, show_progress=show_progress)
         trainer.setup(checkpoint, checkpoint_path)
         progress = trainer.fit()
+    except Exception:
+        if trainer is not None:
+            trainer.checkpointer.wait_after_error()
+        raise
     finally:
         if lock is not None:
             lock.release()
