@@ -250,6 +250,22 @@ def test_bitflip_in_tensor_data_rejected(tmp_path):
     assert f"integrity check failed (the stored CRC-32 of record {members[0]} does not match" in str(error.value)
 
 
+def test_folder_attribute_flip_rejected(tmp_path):
+    # torch's zip reader skips a record marked as a folder, and zipfile's CRC check does not look
+    # at the attribute, so only the explicit check catches this flip.
+    path = write(tmp_path, LAST)
+    data = path.read_bytes()
+    member = next(name for name in zipfile.ZipFile(path).namelist() if name.endswith("/data/0"))
+    central = data.index(b"PK\x01\x02")  # the first central directory entry
+    entry = next(offset for offset in range(central, len(data))
+                 if data.startswith(b"PK\x01\x02", offset) and data.startswith(member.encode(), offset + 46))
+    flip_byte(path, entry + 38, 0x10)  # external attributes, MS-DOS folder bit
+
+    with pytest.raises(CheckpointError, match=f"record {member} is marked as a folder") as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value)
+
+
 def test_bitflip_in_string_value_rejected(tmp_path):
     path = write(tmp_path, LAST)
     offset = path.read_bytes().index(b"adamw-run")

@@ -339,14 +339,29 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+_DOS_FOLDER_ATTRIBUTE = 0x10  # zip external attribute bit; torch's zip reader (miniz) skips such records
+
+
 def _verify_records(path: Path) -> None:
-    """Check the CRC-32 of every record of the zip archive that torch.save wrote."""
+    """Check the CRC-32 of every record of the zip archive that torch.save wrote.
+
+    torch reads the archive with miniz, Python's zipfile here, and the two differ in one field
+    that matters: a record whose folder attribute is set (one flipped bit) reads as empty in
+    torch but passes zipfile's CRC check, so that bit is checked too.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
+            folders = [info.filename for info in archive.infolist()
+                       if info.external_attr & _DOS_FOLDER_ATTRIBUTE or info.is_dir()]
             bad = archive.testzip()
     except Exception as error:  # noqa: BLE001 - damaged zip headers raise many types (see torch.load above)
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise CheckpointError(f"invalid checkpoint {path}: corrupt zip structure ({reason})") from None
+    if folders:
+        raise CheckpointError(
+            f"invalid checkpoint {path}: integrity check failed (record {folders[0]} is marked as a folder, which "
+            "torch.save never writes); the file is corrupt"
+        )
     if bad is not None:
         raise CheckpointError(
             f"invalid checkpoint {path}: integrity check failed (the stored CRC-32 of record {bad} does not match "
