@@ -339,15 +339,15 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-_DOS_FOLDER_ATTRIBUTE = 0x10  # zip external attribute bit; torch's zip reader (miniz) skips such records
+_DOS_FOLDER_ATTRIBUTE = 0x10  # MS-DOS folder bit of a zip record's external attributes
 
 
 def _verify_records(path: Path) -> None:
     """Check the CRC-32 of every record of the zip archive that torch.save wrote.
 
-    torch reads the archive with miniz, Python's zipfile here, and the two differ in one field
-    that matters: a record whose folder attribute is set (one flipped bit) reads as empty in
-    torch but passes zipfile's CRC check, so that bit is checked too.
+    torch reads the archive with miniz and this check uses Python's zipfile. They differ in one
+    field that matters: torch reads a record whose folder attribute is set (one flipped bit) as
+    empty, but zipfile's CRC check passes it. So that bit is checked too.
     """
     try:
         with zipfile.ZipFile(path) as archive:
