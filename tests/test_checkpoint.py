@@ -136,6 +136,7 @@ def test_save_atomic_write_error_keeps_old_file(tmp_path):
     assert result.returncode == 3, result.stderr
     assert f"failed to write checkpoint {tmp_path / LAST}: the write stopped" in result.stdout
     assert "MB free on that disk" in result.stdout
+    assert "this process may write files of at most 0.1 MB (ulimit -f)" in result.stdout
     assert load_checkpoint(tmp_path / LAST)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == [LAST]
 
@@ -171,6 +172,25 @@ def test_replaced_file_deleted_before_exit(tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == [LAST]
+
+
+def test_save_atomic_folder_error_clean(tmp_path):
+    (tmp_path / "plain-file").write_bytes(b"x")
+    target = tmp_path / "plain-file" / LAST
+
+    with pytest.raises(CheckpointError, match=f"failed to write checkpoint {target}"):
+        save_atomic(sample_payload(), target)
+
+
+def test_link_onto_folder_error_clean(tmp_path):
+    (tmp_path / BEST).mkdir()
+    checkpointer = Checkpointer(tmp_path, keep_last_k=2, ctx=DistContext())
+
+    with pytest.raises(CheckpointError, match=f"failed to write checkpoint {tmp_path / BEST}") as error:
+        checkpointer.save(sample_payload(), epoch_file=1, links=(BEST,))
+    assert f"{tmp_path / epoch_name(1)} contains the same state" in str(error.value)
+    assert load_checkpoint(tmp_path / epoch_name(1))["global_step"] == 30
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_save_atomic_rejects_objects(tmp_path):
@@ -264,6 +284,15 @@ def test_folder_attribute_flip_rejected(tmp_path):
     with pytest.raises(CheckpointError, match=f"record {member} is marked as a folder") as error:
         load_checkpoint(path)
     assert str(path) in str(error.value)
+
+
+def test_damaged_format_string_reported_as_damage(tmp_path):
+    # Without the record check first, this flip reads as "not an isaret checkpoint".
+    path = write(tmp_path, LAST)
+    flip_byte(path, path.read_bytes().index(FORMAT.encode()) + 3)
+
+    with pytest.raises(CheckpointError, match="integrity check failed"):
+        load_checkpoint(path)
 
 
 def test_bitflip_in_string_value_rejected(tmp_path):
@@ -441,6 +470,16 @@ def test_rotate_keep_zero_spares_protected(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [epoch_name(2)]
 
 
+def test_rotate_skips_folders(tmp_path):
+    (tmp_path / epoch_name(1)).mkdir()
+    for epoch in (2, 3):
+        (tmp_path / epoch_name(epoch)).write_bytes(b"x")
+    rotate_epoch_files(tmp_path, keep_last_k=1, protected=set())
+    wait_for_deletions()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [epoch_name(1), epoch_name(3)]
+
+
 def test_rotate_orders_epochs_numerically(tmp_path):
     for epoch in (999, 1000, 1001):
         (tmp_path / epoch_name(epoch)).write_bytes(b"x")
@@ -503,6 +542,17 @@ def test_candidates_tie_order(tmp_path):
         os.utime(path, ns=(stamp, stamp))
 
     assert [p.name for p in checkpoint_candidates(tmp_path)] == [LAST, epoch_name(3), BEST]
+
+
+def test_remove_stale_temp_files_keeps_folders(tmp_path, caplog):
+    (tmp_path / ".tmp-epoch_001.pth.1-0.old").mkdir()
+    (tmp_path / ".tmp-last_model.pth.x1").write_bytes(b"partial")
+    caplog.set_level(logging.WARNING, logger="isaret.checkpoint")
+    removed = remove_stale_temp_files(tmp_path)
+
+    assert [p.name for p in removed] == [".tmp-last_model.pth.x1"]
+    assert [p.name for p in tmp_path.iterdir()] == [".tmp-epoch_001.pth.1-0.old"]
+    assert "is not a file" in caplog.text
 
 
 def test_remove_stale_temp_files(tmp_path):

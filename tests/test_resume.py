@@ -28,12 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4
 SMALL_MODEL = ["--set", "d_model=32", "--set", "nhead=2", "--set", "num_layers=1", "--set", "dim_feedforward=64"]
 
-# A training process that signals itself after a chosen optimizer step, or dies in the middle
-# of writing a chosen checkpoint, so that the stop lands at a known point.
+# A training process that signals itself after a chosen optimizer step, dies in the middle of
+# writing a chosen checkpoint, or signals itself while a background save is slow on purpose,
+# so that the stop lands at a known point.
 DRIVER = textwrap.dedent("""
-    import io, os, signal, sys
+    import io, os, signal, sys, threading, time
     import torch
-    from isaret import trainer
+    from isaret import checkpoint, trainer
     from isaret.cli import main
 
     mode, at = sys.argv[1], int(sys.argv[2])
@@ -51,6 +52,23 @@ DRIVER = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)  # the half file is on disk under its temp name
             return real_save(obj, stream, *args, **kwargs)
         torch.save = dying_save
+    elif mode in ("SIGINT-twice-during-save", "SIGTERM-during-save"):
+        real_save_atomic, calls = checkpoint.save_atomic, [0]
+        def slow_save(payload, *args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                calls[0] += 1
+                if calls[0] == at:
+                    print(f"slow save of step {payload['global_step']}", file=sys.stderr, flush=True)
+                    if mode.startswith("SIGINT"):
+                        os.kill(os.getpid(), signal.SIGINT)
+                        time.sleep(0.3)  # the main thread handles the first signal meanwhile
+                        os.kill(os.getpid(), signal.SIGINT)
+                    else:
+                        time.sleep(0.3)  # the main thread finishes its loop and waits for this save
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.3)
+            return real_save_atomic(payload, *args, **kwargs)
+        checkpoint.save_atomic = slow_save
     else:
         original = trainer.Trainer._optimizer_step
         def step_then_signal(self):
@@ -209,6 +227,31 @@ def test_background_save_failure_stops_run(cache, tmp_path):
     assert f"error: failed to write checkpoint {folder / 'epoch_002.pth'}" in result.stderr
     assert "Epoch 4/" not in result.stderr
     assert final_state(folder)["epoch"] == 1
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_second_ctrl_c_during_background_save(baseline, cache, tmp_path):
+    folder = tmp_path / "run"
+    args = train_args(folder, cache, "--set", "async_save=true", "--set", "save_every_steps=2")
+    stopped = run_cli(*args, driver=("SIGINT-twice-during-save", 3))
+    assert stopped.returncode == 130, stopped.stderr
+    assert "error: interrupted by Ctrl+C" in stopped.stderr
+    assert "terminate called" not in stopped.stderr
+    # The save in flight at the abort is committed before the process exits.
+    assert "slow save of step 6" in stopped.stderr
+    assert final_state(folder)["global_step"] == 6
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
+    resumed = run_cli(*args, "--auto-resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(final_state(folder), final_state(baseline))
+
+
+def test_sigterm_during_last_background_save(baseline, cache, tmp_path):
+    folder = tmp_path / "run"
+    result = run_cli(*train_args(folder, cache, "--set", "async_save=true"), driver=("SIGTERM-during-save", EPOCHS))
+    assert result.returncode == 0, result.stderr
+    assert "SIGTERM received" in result.stderr
+    assert_same_run(final_state(folder), final_state(baseline))
     assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
 
 

@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import reprlib
+import resource
 import shutil
 import tempfile
 import threading
@@ -186,7 +187,7 @@ def _zip_checksums_on():
 
 
 _deleter: ThreadPoolExecutor | None = None
-_deletions: list[Future] = []
+_deletions: list[tuple[Path, Future]] = []
 _deletions_lock = threading.Lock()
 
 
@@ -200,9 +201,14 @@ def _delete_later(path: Path) -> None:
     """
     global _deleter
     with _deletions_lock:
-        if _deleter is None:
-            _deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isaret-delete")
-        _deletions.append(_deleter.submit(path.unlink, missing_ok=True))
+        try:
+            if _deleter is None:
+                _deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isaret-delete")
+            _deletions.append((path, _deleter.submit(path.unlink, missing_ok=True)))
+            return
+        except RuntimeError:
+            pass  # the interpreter is shutting down and starts no new work: delete it here
+    path.unlink(missing_ok=True)
 
 
 def wait_for_deletions() -> None:
@@ -210,11 +216,11 @@ def wait_for_deletions() -> None:
     with _deletions_lock:
         pending = list(_deletions)
         _deletions.clear()
-    for future in pending:
+    for path, future in pending:
         try:
             future.result()
         except OSError as error:
-            log.warning("Could not delete %s", error)
+            log.warning("Could not delete %s: %s", path, error.strerror or error)
 
 
 _spare_numbers = itertools.count()
@@ -241,15 +247,19 @@ def _detach_blocks(path: Path) -> Path | None:
 
 def _write_failure(error: BaseException, folder: Path) -> str:
     """Describe a failed write. torch's file writer (RuntimeError) does not keep the errno of a
-    full disk, so the free space is given instead."""
+    full disk or a file size limit, so the free space and the limit are given instead."""
     first_line = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
     if not isinstance(error, RuntimeError):
         return first_line
+    details = [f"the write stopped (torch: {first_line})"]
     try:
-        free = f", {shutil.disk_usage(folder).free / 1e6:.0f} MB free on that disk"
+        details.append(f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free on that disk")
     except OSError:
-        free = ""
-    return f"the write stopped (torch: {first_line}){free}"
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        details.append(f"this process may write files of at most {limit / 1e6:.1f} MB (ulimit -f)")
+    return ", ".join(details)
 
 
 def save_atomic(payload: dict, path: Path, sync_folder: bool = True) -> None:
@@ -260,11 +270,11 @@ def save_atomic(payload: dict, path: Path, sync_folder: bool = True) -> None:
     """
     payload = dict(payload, format=FORMAT, format_version=FORMAT_VERSION)
     check_plain(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # torch names the zip records after the file: the name needs text before its last dot.
-    handle, temp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
-    old_blocks = None
+    old_blocks, temp_name = None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # torch names the zip records after the file: the name needs text before its last dot.
+        handle, temp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
         try:
             # torch's file writer (a path, not a file object) releases the GIL while it writes
             # tensor bytes, so a save in a background thread holds up training less.
@@ -276,7 +286,8 @@ def save_atomic(payload: dict, path: Path, sync_folder: bool = True) -> None:
         old_blocks = _detach_blocks(path)
         os.replace(temp_name, path)
     except BaseException as error:
-        Path(temp_name).unlink(missing_ok=True)
+        if temp_name is not None:
+            Path(temp_name).unlink(missing_ok=True)
         if old_blocks is not None:
             old_blocks.unlink(missing_ok=True)  # a second name of the intact old file
         if isinstance(error, (OSError, RuntimeError)):
@@ -293,9 +304,15 @@ def save_atomic(payload: dict, path: Path, sync_folder: bool = True) -> None:
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete temp files that a killed save left behind; they never count as checkpoints."""
+    """Delete temp files that a killed save left behind; they never count as checkpoints.
+
+    Anything else with a temp name (a folder, say) is left alone with a warning.
+    """
     removed = []
     for path in folder.glob(f"{TEMP_PREFIX}*"):
+        if path.is_symlink() or not path.is_file():
+            log.warning("Leaving %s in place: it has a temp file's name but is not a file", path)
+            continue
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
@@ -313,6 +330,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"invalid checkpoint {path}: the file is empty (0 bytes)")
 
+    # Check the records first, so that damage is reported as damage and not as whatever the
+    # changed bytes look like to the unpickler (code, a foreign file or another format version).
+    _verify_records(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -334,8 +354,6 @@ def load_checkpoint(path: str | Path) -> dict:
         )
     if version == 1:
         _verify_digest(path, payload)
-    else:
-        _verify_records(path)
     return payload
 
 
@@ -343,20 +361,22 @@ _DOS_FOLDER_ATTRIBUTE = 0x10  # MS-DOS folder bit of a zip record's external att
 
 
 def _verify_records(path: Path) -> None:
-    """Check the CRC-32 of every record of the zip archive that torch.save wrote.
+    """Check the CRC-32 of every record of the zip archive that torch.save wrote; skip a file that is no zip.
 
     torch reads the archive with miniz and this check uses Python's zipfile. They differ in one
     field that matters: torch reads a record whose folder attribute is set (one flipped bit) as
     empty, but zipfile's CRC check passes it. So that bit is checked too.
     """
     try:
+        if not zipfile.is_zipfile(path):
+            return  # torch.load then separates a legacy torch file or a plain pickle from garbage
         with zipfile.ZipFile(path) as archive:
             folders = [info.filename for info in archive.infolist()
                        if info.external_attr & _DOS_FOLDER_ATTRIBUTE or info.is_dir()]
             bad = archive.testzip()
     except Exception as error:  # noqa: BLE001 - damaged zip headers raise many types (see torch.load above)
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise CheckpointError(f"invalid checkpoint {path}: corrupt zip structure ({reason})") from None
+        raise CheckpointError(f"invalid checkpoint {path}: corrupt or truncated file (zip structure: {reason})") from None
     if folders:
         raise CheckpointError(
             f"invalid checkpoint {path}: integrity check failed (record {folders[0]} is marked as a folder, which "
@@ -478,7 +498,8 @@ def rotate_epoch_files(folder: Path, keep_last_k: int, protected: set[Path]) -> 
 
     Each file leaves its name at once; its blocks are freed in the background (see _delete_later).
     """
-    epoch_files = sorted((int(m.group(1)), p) for p in folder.glob("epoch_*.pth") if (m := EPOCH_PATTERN.match(p.name)))
+    epoch_files = sorted((int(m.group(1)), p) for p in folder.glob("epoch_*.pth")
+                         if (m := EPOCH_PATTERN.match(p.name)) and p.is_file())
     doomed = [p for _, p in epoch_files[: max(0, len(epoch_files) - keep_last_k)]]
     removed = []
     for path in doomed:
@@ -572,17 +593,27 @@ class FolderLock:
 def _link_atomic(source: Path, target: Path) -> None:
     """Make `target` name the same file as `source` (a hard link renamed into place), else copy it."""
     temp = target.with_name(f"{TEMP_PREFIX}{target.name}.{os.getpid()}.link")
-    temp.unlink(missing_ok=True)
+    old_blocks = None
     try:
-        os.link(source, temp)
-    except OSError:
-        with source.open("rb") as reader, temp.open("wb") as writer:
-            while chunk := reader.read(1 << 20):
-                writer.write(chunk)
-            writer.flush()
-            os.fsync(writer.fileno())
-    old_blocks = _detach_blocks(target)
-    os.replace(temp, target)
+        temp.unlink(missing_ok=True)
+        try:
+            os.link(source, temp)
+        except OSError:
+            with source.open("rb") as reader, temp.open("wb") as writer:
+                while chunk := reader.read(1 << 20):
+                    writer.write(chunk)
+                writer.flush()
+                os.fsync(writer.fileno())
+        old_blocks = _detach_blocks(target)
+        os.replace(temp, target)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        if old_blocks is not None:
+            old_blocks.unlink(missing_ok=True)  # a second name of the intact old file
+        raise CheckpointError(
+            f"failed to write checkpoint {target}: {error.strerror or error}; {source} contains the same state. "
+            f"Remove or rename what is at {target.name}, then resume with --auto-resume"
+        ) from None
     if old_blocks is not None:
         _delete_later(old_blocks)
 
@@ -602,8 +633,8 @@ class Checkpointer:
     """Writes and finds the checkpoints of one run folder; only rank 0 touches files.
 
     With `background` on and one process, save() copies the state and returns; a thread writes
-    and commits the copy while training goes on. One save is in flight at most: the next save,
-    wait() and close() wait for it and raise its error. Under torchrun every save is written
+    and commits the copy while training goes on. One save is in flight at most: the next save
+    and wait() wait for it and raise its error. Under torchrun every save is written
     before save() returns on any rank, so all ranks see the commit, or rank 0's error.
     """
 
@@ -613,6 +644,7 @@ class Checkpointer:
         self.ctx = ctx
         self.background = background and not ctx.enabled
         self.pending: threading.Thread | None = None
+        self.committed = threading.Event()  # set by the background thread when its save ends
         self.failure: BaseException | None = None
 
     def save(self, state: dict, name: str = LAST, epoch_file: int | None = None,
@@ -636,7 +668,12 @@ class Checkpointer:
             _fsync_folder(self.folder)
             if epoch_file is None:
                 return
-            for path in rotate_epoch_files(self.folder, self.keep_last_k, keep | {first.resolve()}):
+            try:
+                removed = rotate_epoch_files(self.folder, self.keep_last_k, keep | {first.resolve()})
+            except OSError as error:  # the new checkpoint is committed; only the clean-up failed
+                log.warning("Could not remove old epoch files in %s: %s", self.folder, error)
+                return
+            for path in removed:
                 log.debug("Deleted old checkpoint %s", path)
 
         self.wait()
@@ -644,7 +681,10 @@ class Checkpointer:
             run_on_main(lambda: write(state), self.ctx)
             return target
         copy = snapshot(state)
-        self.pending = threading.Thread(target=self._run, args=(write, copy), name="isaret-checkpoint", daemon=True)
+        # Not a daemon: the interpreter joins it at exit. A daemon thread inside torch's C++ writer
+        # at interpreter shutdown aborts the process ("terminate called without an active exception").
+        self.committed.clear()
+        self.pending = threading.Thread(target=self._run, args=(write, copy), name="isaret-checkpoint")
         self.pending.start()
         return target
 
@@ -653,6 +693,8 @@ class Checkpointer:
             write(state)
         except BaseException as error:  # noqa: BLE001 - handed to the training thread by wait()
             self.failure = error
+        finally:
+            self.committed.set()
 
     def check(self) -> None:
         """Raise the error of a background save that has failed; return at once otherwise."""
@@ -662,6 +704,9 @@ class Checkpointer:
     def wait(self) -> None:
         """Wait until the background save, if any, is committed and old files are gone; raise its error."""
         if self.pending is not None:
+            # Wait on an event, not on join(): a KeyboardInterrupt inside Thread.join can mark the
+            # running thread as stopped (Python 3.11), and the interpreter then exits without it.
+            self.committed.wait()
             self.pending.join()
             self.pending = None
         wait_for_deletions()

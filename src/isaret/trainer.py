@@ -348,7 +348,9 @@ class Trainer:
                 self._finish_epoch(epoch, val_loss, val_acc, val_f1, time.perf_counter() - started)
                 if p.stopped_early:
                     break
-        self.checkpointer.wait()
+
+            # Commit the last background save while SIGINT and SIGTERM still only set a flag.
+            self.checkpointer.wait()
         self._write_reports()
         return p
 
@@ -491,17 +493,14 @@ class Trainer:
                 write_history(self.folder, p.history, p.resume_points)
             return
         state = self.state_dict()
-        if self.ctx.is_main:
-            # Write the history first, while no background save competes for the GIL. history.json
-            # may then run one epoch ahead of the checkpoints, and a resume reads only its rows up
-            # to the checkpoint's epoch.
-            write_history(self.folder, p.history, p.resume_points)
         if regular or last:
             epoch_file = epoch if cfg.checkpoint.keep_last_k and regular else None
             self.checkpointer.save(state, epoch_file=epoch_file, protected=self._protected(),
                                    links=(BEST,) if improved else ())
         else:
             self.checkpointer.save(state, name=BEST, protected=self._protected())
+        if self.ctx.is_main:
+            write_history(self.folder, p.history, p.resume_points)
 
     def _protected(self) -> set[Path]:
         return {self.resumed_from.resolve()} if self.resumed_from else set()
