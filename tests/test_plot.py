@@ -11,7 +11,8 @@ import pytest
 
 from isaret.checkpoint import load_checkpoint, save_atomic
 from isaret.cli import main
-from isaret.history import PLOTS
+from isaret.errors import CheckpointError
+from isaret.history import PLOTS, write_history
 from isaret.plot import confusion_figure, save_confusion_matrix
 
 CURVES = [f"{name}.png" for name, _, _ in PLOTS]
@@ -117,3 +118,11 @@ def test_confusion_figure_empty_row_is_zero():
     shares = figure.axes[0].images[0].get_array()
     assert shares[1].tolist() == [0.0, 0.0]
     assert shares[0].tolist() == pytest.approx([2 / 3, 1 / 3])
+
+
+def test_history_write_error_clean(tmp_path):
+    (tmp_path / "history.json").mkdir()  # os.replace onto a folder fails
+
+    with pytest.raises(CheckpointError, match=f"failed to write {tmp_path / 'history.json'}"):
+        write_history(tmp_path, [{"epoch": 1, "val_acc": 0.5}], [])
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

@@ -691,6 +691,9 @@ class Checkpointer:
     def _run(self, write: Callable[[dict], None], state: dict) -> None:
         try:
             write(state)
+        except OSError as error:  # from the folder fsync, for example; save_atomic wraps its own errors
+            self.failure = CheckpointError(f"failed to write checkpoint files in {self.folder}: "
+                                           f"{error.strerror or error}; the checkpoints written before are intact")
         except BaseException as error:  # noqa: BLE001 - handed to the training thread by wait()
             self.failure = error
         finally:

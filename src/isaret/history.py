@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+
+from isaret.errors import CheckpointError
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr", "seconds")
 PLOTS = (
@@ -17,13 +20,25 @@ PLOTS = (
 
 def _write_text_atomic(path: Path, text: str) -> None:
     temp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"failed to write {path}: {error.strerror or error}; the checkpoints written before are intact. "
+            "Free disk space or choose another --checkpoint-dir, then resume with --auto-resume"
+        ) from None
 
 
 def write_history(folder: Path, history: list[dict], resume_points: list[dict]) -> None:
     """Write history.json (rows and resume points) and history.csv (one row per epoch)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot use checkpoint folder {folder}: {error.strerror or error}; "
+                              "choose another --checkpoint-dir") from None
     _write_text_atomic(folder / "history.json",
                        json.dumps({"epochs": history, "resume_points": resume_points}, indent=1))
     lines = [",".join(HISTORY_FIELDS)]
