@@ -197,6 +197,25 @@ def test_resume_after_sigkill_at_random_time(baseline, cache, tmp_path):
     assert_same_run(final_state(folder), final_state(baseline))
 
 
+def test_sigkill_with_workers_leaves_folder_unlocked(baseline, cache, tmp_path):
+    # The DataLoader workers outlive a SIGKILLed training process for a few seconds; they must
+    # not hold the folder lock meanwhile.
+    folder = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    args = train_args(folder, cache, "--set", "num_workers=2", "--set", "save_every_steps=1")
+    process = subprocess.Popen([sys.executable, "-m", "isaret", "train", *args], cwd=REPO, env=env,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (folder / "last_model.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait(timeout=60)
+    resumed = run_cli(*args, "--auto-resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "another isaret run" not in resumed.stderr
+    assert_same_run(final_state(folder), final_state(baseline))
+
+
 def test_resume_after_sigkill_during_save(baseline, cache, tmp_path):
     folder = tmp_path / "run"
     args = train_args(folder, cache, "--set", "save_every_steps=4")

@@ -581,11 +581,29 @@ class FolderLock:
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        return cls(handle)
+        lock = cls(handle)
+        _held_locks.append(lock)
+        return lock
 
     def release(self) -> None:
         if not self.handle.closed:
             self.handle.close()
+        if self in _held_locks:
+            _held_locks.remove(self)
+
+
+_held_locks: list[FolderLock] = []
+
+
+def close_inherited_folder_locks() -> None:
+    """Close the folder locks' files in a forked child, such as a DataLoader worker.
+
+    The lock stays with the training process, because closing a copy of the file does not
+    unlock it. Without this, a worker that outlives a killed training process keeps the folder
+    locked until the worker exits.
+    """
+    for lock in _held_locks:
+        lock.handle.close()
 
 
 # ----------------------------------------------------------------------------- checkpointer

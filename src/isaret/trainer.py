@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from isaret import __version__
 from isaret.checkpoint import BEST, Checkpointer, FolderLock, capture_rng_state, checkpoint_candidates, \
-    remove_stale_temp_files, restore_rng_state, set_aside_later_checkpoints, training_position
+    close_inherited_folder_locks, remove_stale_temp_files, restore_rng_state, set_aside_later_checkpoints, \
+    training_position
 from isaret.config import Config, save_toml
 from isaret.data.cache import CachedData, load_or_build
 from isaret.data.dataset import Augmenter, EpochSampler, FeatureScaler, SignDataset, Split, batches_per_epoch, \
@@ -43,6 +44,12 @@ from isaret.optim import apply_hyperparameters, build_optimizer, build_scheduler
 from isaret.resume import check_compatible, check_same, log_changes
 
 log = logging.getLogger(__name__)
+
+
+def _init_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: leave stop signals and the folder lock to the training process."""
+    ignore_stop_signals_in_worker(worker_id)
+    close_inherited_folder_locks()
 
 
 def demo_data_path() -> Path:
@@ -157,7 +164,7 @@ class Trainer:
             # Workers are forked: no checkpoint thread may hold a lock while the process is copied.
             self.checkpointer.wait()
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                            worker_init_fn=ignore_stop_signals_in_worker if workers else None,
+                            worker_init_fn=_init_worker if workers else None,
                             # A private generator keeps the loader from drawing on the global torch RNG.
                             generator=torch.Generator(), pin_memory=self.device.type == "cuda")
         if not workers:
