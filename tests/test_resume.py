@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -434,6 +435,18 @@ def test_inspect_real_checkpoint(baseline, capsys):
     assert "classes (2): hello, thankyou" in output
     assert "best val acc:" in output
     assert f"history: {EPOCHS} epochs" in output
+
+
+def test_inspect_into_closed_pipe_quiet(baseline, tmp_path):
+    # `true` exits before isaret has imported torch, so every write meets a closed pipe.
+    stderr_path = tmp_path / "stderr.txt"
+    command = (f"{shlex.quote(sys.executable)} -m isaret inspect {shlex.quote(str(baseline / 'last_model.pth'))} "
+               f"2> {shlex.quote(str(stderr_path))}; echo $? > {shlex.quote(str(tmp_path / 'status.txt'))}")
+    subprocess.run(f"({command}) | true", shell=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+                   timeout=120, check=True)
+
+    assert stderr_path.read_text() == ""
+    assert (tmp_path / "status.txt").read_text().strip() == "141"
 
 
 def test_inspect_config_differences(baseline, tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -239,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger("isaret").handlers:
         setup_logging(getattr(args, "verbose", False))
     try:
-        return COMMANDS[args.command][2](args)
+        code = COMMANDS[args.command][2](args)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader of stdout has gone (`isaret inspect FILE | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
     except TrainingInterrupted as stop:
         log.warning("%s", stop)
         return stop.exit_code
