@@ -97,6 +97,16 @@ def run_cli(*args: str, driver: tuple[str, int] | None = None, cwd: Path | None 
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=timeout)
 
 
+def start_until_first_checkpoint(folder: Path, args: list[str], **popen_args) -> subprocess.Popen:
+    """Start `isaret train ARGS` in a new process and return once folder/last_model.pth exists."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    process = subprocess.Popen([sys.executable, "-m", "isaret", "train", *args], cwd=REPO, env=env, **popen_args)
+    deadline = time.monotonic() + 120
+    while not (folder / "last_model.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return process
+
+
 def final_state(folder: Path) -> dict:
     return load_checkpoint(folder / "last_model.pth")
 
@@ -163,13 +173,8 @@ def test_resume_after_sigterm_with_workers(cache, tmp_path):
 def test_resume_sigint_from_terminal_process_group(baseline, cache, tmp_path):
     """Ctrl+C in a terminal signals the whole process group, DataLoader workers included."""
     folder = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     args = train_args(folder, cache, "--set", "num_workers=2", "--set", "save_every_steps=1")
-    process = subprocess.Popen([sys.executable, "-m", "isaret", "train", *args], cwd=REPO, env=env,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (folder / "last_model.pth").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    process = start_until_first_checkpoint(folder, args, stderr=subprocess.PIPE, text=True, start_new_session=True)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode in (0, 130), stderr
@@ -183,13 +188,8 @@ def test_resume_sigint_from_terminal_process_group(baseline, cache, tmp_path):
 
 def test_resume_after_sigkill_at_random_time(baseline, cache, tmp_path):
     folder = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     args = train_args(folder, cache, "--set", "save_every_steps=3")
-    process = subprocess.Popen([sys.executable, "-m", "isaret", "train", *args], cwd=REPO, env=env,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (folder / "last_model.pth").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = start_until_first_checkpoint(folder, args, stderr=subprocess.DEVNULL)
     time.sleep(0.3)
     process.kill()
     process.wait(timeout=60)
@@ -202,13 +202,8 @@ def test_sigkill_with_workers_leaves_folder_unlocked(baseline, cache, tmp_path):
     # The DataLoader workers outlive a SIGKILLed training process for a few seconds; they must
     # not hold the folder lock meanwhile.
     folder = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     args = train_args(folder, cache, "--set", "num_workers=2", "--set", "save_every_steps=1")
-    process = subprocess.Popen([sys.executable, "-m", "isaret", "train", *args], cwd=REPO, env=env,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (folder / "last_model.pth").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = start_until_first_checkpoint(folder, args, stderr=subprocess.DEVNULL)
     process.kill()
     process.wait(timeout=60)
     resumed = run_cli(*args, "--auto-resume")
