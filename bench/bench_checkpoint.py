@@ -410,7 +410,8 @@ def overhead_table(overhead: OverheadRun) -> str:
              "| ---: | ---: | ---: | --- | ---: |"]
     rows = zip(overhead.epoch_seconds, overhead.save_seconds, overhead.improved, overhead.percentages)
     for index, (epoch_s, save_s, improved, percent) in enumerate(rows, start=1):
-        lines.append(f"| {index} | {epoch_s:.2f} | {save_s * 1000:.1f} | {'yes' if improved else 'no'} | {percent:.2f} |")
+        best_link = "yes" if improved else "no"
+        lines.append(f"| {index} | {epoch_s:.2f} | {save_s * 1000:.1f} | {best_link} | {percent:.2f} |")
     return "\n".join(lines)
 
 
@@ -452,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-repeats", type=int, default=5,
                         help="fresh and resumed process starts each; medians are reported (default 5)")
     parser.add_argument("--ab-runs", type=int, default=3,
-                        help="training runs per mode (no saves, background saves, foreground saves) for the "
+                        help="training runs per mode (no saves, foreground saves, background saves) for the "
                              "A/B comparison of training time (default 3)")
     parser.add_argument("--ab-epochs", type=int, default=10, help="epochs of each A/B run (default 10)")
     parser.add_argument("--torch-threads", type=int, default=0,

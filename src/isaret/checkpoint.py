@@ -94,7 +94,7 @@ _ATOMS = frozenset({bool, int, float, str, type(None)})
 def check_plain(value: Any) -> None:
     """Raise CheckpointError unless `value` contains only tensors, primitives, dicts, lists and tuples.
 
-    torch.load(weights_only=True) reads exactly these, so a file that passes is always loadable.
+    These are the types that torch.load(weights_only=True) reads back.
     """
     pending = [value]
     while pending:
@@ -208,7 +208,10 @@ def _delete_later(path: Path) -> None:
             return
         except RuntimeError:
             pass  # the interpreter is shutting down and starts no new work: delete it here
-    path.unlink(missing_ok=True)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:
+        log.warning("Could not delete %s: %s", path, error.strerror or error)
 
 
 def wait_for_deletions() -> None:
@@ -233,7 +236,7 @@ def _spare_name(path: Path) -> Path:
 def _detach_blocks(path: Path) -> Path | None:
     """Give `path` a second, temp name if it has only one, so that replacing it frees nothing now.
 
-    Returns the temp name, for _delete_later once the replacement is in place, or None.
+    Return the temp name, for _delete_later once the replacement is in place, or None.
     """
     try:
         if os.stat(path).st_nlink != 1:
@@ -243,6 +246,19 @@ def _detach_blocks(path: Path) -> Path | None:
     except OSError:
         return None  # no file there, or no hard links on this file system: replacing frees it now
     return spare
+
+
+def _replace(source: str | Path, target: Path) -> None:
+    """os.replace `source` onto `target`; a file that loses its last name there is freed in the background."""
+    old_blocks = _detach_blocks(target)
+    try:
+        os.replace(source, target)
+    except OSError:
+        if old_blocks is not None:
+            old_blocks.unlink(missing_ok=True)  # a second name of the intact old file
+        raise
+    if old_blocks is not None:
+        _delete_later(old_blocks)
 
 
 def _write_failure(error: BaseException, folder: Path) -> str:
@@ -270,7 +286,7 @@ def save_atomic(payload: dict, path: Path, sync_folder: bool = True) -> None:
     """
     payload = dict(payload, format=FORMAT, format_version=FORMAT_VERSION)
     check_plain(payload)
-    old_blocks, temp_name = None, None
+    temp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # torch names the zip records after the file: the name needs text before its last dot.
@@ -283,13 +299,10 @@ def save_atomic(payload: dict, path: Path, sync_folder: bool = True) -> None:
             os.fsync(handle)
         finally:
             os.close(handle)
-        old_blocks = _detach_blocks(path)
-        os.replace(temp_name, path)
+        _replace(temp_name, path)
     except BaseException as error:
         if temp_name is not None:
             Path(temp_name).unlink(missing_ok=True)
-        if old_blocks is not None:
-            old_blocks.unlink(missing_ok=True)  # a second name of the intact old file
         if isinstance(error, (OSError, RuntimeError)):
             raise CheckpointError(
                 f"failed to write checkpoint {path}: {_write_failure(error, path.parent)}; the checkpoints "
@@ -297,8 +310,6 @@ def save_atomic(payload: dict, path: Path, sync_folder: bool = True) -> None:
                 "with --auto-resume"
             ) from None
         raise
-    if old_blocks is not None:
-        _delete_later(old_blocks)
     if sync_folder:
         _fsync_folder(path.parent)
 
@@ -376,7 +387,9 @@ def _verify_records(path: Path) -> None:
             bad = archive.testzip()
     except Exception as error:  # noqa: BLE001 - damaged zip headers raise many types (see torch.load above)
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise CheckpointError(f"invalid checkpoint {path}: corrupt or truncated file (zip structure: {reason})") from None
+        raise CheckpointError(
+            f"invalid checkpoint {path}: corrupt or truncated file (zip structure: {reason})"
+        ) from None
     if folders:
         raise CheckpointError(
             f"invalid checkpoint {path}: integrity check failed (record {folders[0]} is marked as a folder, which "
@@ -611,7 +624,6 @@ def close_inherited_folder_locks() -> None:
 def _link_atomic(source: Path, target: Path) -> None:
     """Make `target` name the same file as `source` (a hard link renamed into place), else copy it."""
     temp = target.with_name(f"{TEMP_PREFIX}{target.name}.{os.getpid()}.link")
-    old_blocks = None
     try:
         temp.unlink(missing_ok=True)
         try:
@@ -622,18 +634,13 @@ def _link_atomic(source: Path, target: Path) -> None:
                     writer.write(chunk)
                 writer.flush()
                 os.fsync(writer.fileno())
-        old_blocks = _detach_blocks(target)
-        os.replace(temp, target)
+        _replace(temp, target)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        if old_blocks is not None:
-            old_blocks.unlink(missing_ok=True)  # a second name of the intact old file
         raise CheckpointError(
             f"failed to write checkpoint {target}: {error.strerror or error}; {source} contains the same state. "
             f"Remove or rename what is at {target.name}, then resume with --auto-resume"
         ) from None
-    if old_blocks is not None:
-        _delete_later(old_blocks)
 
 
 def snapshot(value: Any) -> Any:

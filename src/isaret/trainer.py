@@ -88,7 +88,8 @@ class Trainer:
         self.device = ctx.device
         self.show_progress = show_progress and ctx.is_main
         self.folder = Path(cfg.checkpoint.checkpoint_dir)
-        self.checkpointer = Checkpointer(self.folder, cfg.checkpoint.keep_last_k, ctx, background=cfg.checkpoint.async_save)
+        self.checkpointer = Checkpointer(self.folder, cfg.checkpoint.keep_last_k, ctx,
+                                         background=cfg.checkpoint.async_save)
         self.progress = Progress()
         self.resumed_from: Path | None = None
 
