@@ -393,7 +393,7 @@ def _verify_records(path: Path) -> None:
     if folders:
         raise CheckpointError(
             f"invalid checkpoint {path}: integrity check failed (record {folders[0]} is marked as a folder, which "
-            "torch.save never writes); the file is corrupt"
+            "torch.save (2.13) does not set); the file is corrupt"
         )
     if bad is not None:
         raise CheckpointError(
